@@ -1,0 +1,168 @@
+"""Hot path of the EMA: grouping, the multi-tensor update and the in-place swap.
+
+Kernels see flat tensor lists and plain scalars only, never optimizer state or
+``param_groups``. Nothing here reads a tensor value on the host.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence, Union
+
+import torch
+from torch import Tensor
+
+Weight = Union[float, Tensor]
+
+# Elements per piece when swapping or moving large tensors: bounds every temporary to a few MB.
+CHUNK = 1 << 20
+
+try:  # DTensor params (FSDP2, tensor parallel): the kernels work on the local shards.
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = None
+
+
+def local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view that writes through), else the tensor itself."""
+    if DTensor is not None and isinstance(t, DTensor):
+        return t.to_local()
+    return t
+
+
+class Group(NamedTuple):
+    """Shadow/param pairs that one foreach call can take: same devices, same dtypes."""
+
+    shadows: list[Tensor]
+    params: list[Tensor]
+    mixed: bool  # shadow dtype differs from the param dtype (e.g. fp32 shadows of bf16 params)
+    same_device: bool
+
+
+def group_pairs(shadows: Sequence[Tensor], params: Sequence[Tensor]) -> list[Group]:
+    """Group (shadow, param) pairs by (devices, dtypes); done once and cached by the optimizer."""
+    buckets: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
+    for s, p in zip(shadows, params):
+        s, p = local(s), local(p)
+        key = (s.device, s.dtype, p.device, p.dtype)
+        bucket = buckets.setdefault(key, ([], []))
+        bucket[0].append(s)
+        bucket[1].append(p)
+    return [
+        Group(ss, ps, mixed=key[1] != key[3], same_device=key[0] == key[2])
+        for key, (ss, ps) in buckets.items()
+    ]
+
+
+def copy_(groups: Sequence[Group]) -> None:
+    """``ema <- weight`` for every pair."""
+    for g in groups:
+        if g.same_device:
+            torch._foreach_copy_(g.shadows, g.params)
+        else:  # offloaded shadows: one tensor in flight at a time
+            for s, p in zip(g.shadows, g.params):
+                s.copy_(p)
+
+
+def lerp_(groups: Sequence[Group], weight: Weight) -> None:
+    """``ema <- ema + weight * (w - ema)``, i.e. ``ema <- d * ema + (1 - d) * w`` with ``weight = 1 - d``.
+
+    ``weight`` is a Python float (eager: the fastest multi-tensor kernels take it as a
+    kernel argument, no device read) or a 0-dim tensor on the shadows' device (under
+    ``torch.compile``, or when the weight depends on device values such as GradScaler's
+    ``found_inf``); neither form syncs.
+    """
+    for g in groups:
+        if not g.same_device:
+            _lerp_offloaded_(g, weight)
+        elif isinstance(weight, Tensor):
+            n = len(g.shadows)
+            if g.mixed:  # the lerp kernels want one dtype per pair; addcmul promotes into the shadow
+                torch._foreach_mul_(g.shadows, 1.0 - weight)
+                torch._foreach_addcmul_(g.shadows, g.params, [weight] * n)
+            else:
+                torch._foreach_lerp_(g.shadows, g.params, [weight] * n)
+        elif g.mixed:
+            # Mixed-dtype mul_/add_ cast each bf16/fp16 weight inside the kernel: no fp32 copy
+            # of the params, ever. Rounding: two roundings per update instead of lerp's one.
+            torch._foreach_mul_(g.shadows, 1.0 - weight)
+            torch._foreach_add_(g.shadows, g.params, alpha=weight)
+        else:
+            torch._foreach_lerp_(g.shadows, g.params, weight)
+
+
+def _lerp_offloaded_(g: Group, weight: Weight) -> None:
+    # Shadows on another device than their params (ema_device="cpu"): bring each param
+    # over in pieces so that the temporary stays small, then lerp there.
+    if isinstance(weight, Tensor):
+        weight = weight.to(g.shadows[0].device)
+    for s, p in zip(g.shadows, g.params):
+        for s_part, p_part in zip(_pieces(s), _pieces(p)):
+            moved = p_part.to(device=s_part.device, dtype=s_part.dtype)
+            s_part.lerp_(moved, weight)
+
+
+def _pieces(t: Tensor) -> list[Tensor]:
+    flat = t.view(-1)
+    return list(flat.split(CHUNK)) if flat.numel() > CHUNK else [flat]
+
+
+# ---------------------------------------------------------------------------------------------
+# Swap. Three ways to put the EMA into a param and get the training value back bit for bit:
+#   "exchange": same dtype: the two tensors trade values (piecewise, through a small scratch);
+#   "pack":     bf16 param, fp32 shadow: the shadow's 32 bits keep the param's 16 training bits
+#               plus the low 16 bits of the EMA; the param holds the EMA rounded to bf16, whose
+#               rounding carry is a function of those low bits, so both come back exactly;
+#   "stash":    any other dtype pair (or a non-contiguous param): keep a copy of the param.
+# ---------------------------------------------------------------------------------------------
+
+
+def swap_method(shadow: Tensor, param: Tensor) -> str:
+    shadow, param = local(shadow), local(param)
+    if not (param.is_contiguous() and shadow.is_contiguous()):
+        return "stash"
+    if shadow.dtype == param.dtype:
+        return "exchange"
+    if param.dtype == torch.bfloat16 and shadow.dtype == torch.float32:
+        return "pack"
+    return "stash"
+
+
+def exchange_(shadow: Tensor, param: Tensor) -> None:
+    """Trade the values of two same-dtype tensors in place (self-inverse)."""
+    for s, p in zip(_pieces(local(shadow)), _pieces(local(param))):
+        scratch = p.clone()
+        p.copy_(s)
+        s.copy_(scratch)
+
+
+def pack_(shadow: Tensor, param: Tensor) -> None:
+    """Put the fp32 EMA into a bf16 param; keep the training bits inside the shadow."""
+    for s, p in zip(_pieces(local(shadow)), _pieces(local(param))):
+        work = s.to(p.device)  # a no-op view unless the shadow is offloaded
+        si, pi = work.view(torch.int32), p.view(torch.int16)
+        low = si & 0xFFFF
+        ema16 = _wrap16((si >> 16) + (low >= 0x8000).to(torch.int32))  # round half away from 0
+        train16 = pi.to(torch.int32)
+        si.copy_(train16 * 65536 + low)
+        pi.copy_(ema16)
+        if work is not s:
+            s.copy_(work)
+
+
+def unpack_(shadow: Tensor, param: Tensor) -> None:
+    """Inverse of :func:`pack_`: training bits back into the param, the exact EMA into the shadow."""
+    for s, p in zip(_pieces(local(shadow)), _pieces(local(param))):
+        work = s.to(p.device)
+        si, pi = work.view(torch.int32), p.view(torch.int16)
+        low = si & 0xFFFF
+        high = _wrap16(pi.to(torch.int32) - (low >= 0x8000).to(torch.int32))
+        train16 = (si >> 16).to(torch.int16)
+        si.copy_(high.to(torch.int32) * 65536 + low)
+        pi.copy_(train16)
+        if work is not s:
+            s.copy_(work)
+
+
+def _wrap16(x: Tensor) -> Tensor:
+    """int32 values -> the int16 with the same low 16 bits (two's complement wrap)."""
+    return (((x + 32768) & 0xFFFF) - 32768).to(torch.int16)

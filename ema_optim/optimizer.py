@@ -1,0 +1,639 @@
+"""EMAOptimizer: an exponential moving average of the weights, kept inside the optimizer."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import warnings
+from collections.abc import Mapping
+from itertools import chain
+from typing import Any, Callable, Iterator, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _kernels
+
+__all__ = ["EMAOptimizer"]
+
+# Per-param state key of the shadow, and the counters saved in every param group of
+# state_dict(): optimizer steps seen (n), EMA updates folded in (t), product of the decays.
+EMA = "ema"
+STEPS = "ema_steps"
+UPDATES = "ema_updates"
+DECAY_PROD = "ema_decay_prod"
+COUNTERS = (STEPS, UPDATES, DECAY_PROD)
+
+Decay = Union[float, Callable[[int], float]]
+
+
+class EMAOptimizer(Optimizer):
+    r"""Wraps any optimizer and keeps an exponential moving average (EMA) of the weights.
+
+    After every inner ``step()`` each parameter's *shadow* is updated with one
+    multi-tensor kernel per (device, dtype)::
+
+        ema <- d * ema + (1 - d) * w                       (bias_correction=False)
+        ema <- ema + (1 - d) / (1 - prod(d)) * (w - ema)   (bias_correction=True)
+
+    where ``d`` is ``decay`` (a constant, or ``decay(t)`` for a schedule, ``t`` = EMA
+    updates already done) and ``prod(d)`` the product of every decay used so far. The
+    bias-corrected shadow is the Adam-style debiased average ``m / (1 - prod(d))`` of an
+    EMA ``m`` started from zero, so the first update gives ``ema = w``.
+
+    Timing, with ``a = update_after_step`` and ``e = update_every``, after step ``n``:
+    ``n <= a``: the shadows copy the weights; ``(n - a) % e == 0``: one EMA update;
+    otherwise nothing. The shadows start from the weights as they are when ``step()`` is
+    first called, before its update. In steps: a constant decay ``d`` averages over about
+    ``1 / (1 - d)`` updates and halves a weight's influence every ``0.69 / (1 - d)``
+    (``d=0.999``: ~693 updates; ``d=0.9999``: ~6.9K). With ``update_every=e`` multiply by ``e``.
+
+    The shadows live in the optimizer state (``opt.state[p]["ema"]``), so
+    ``opt.state_dict()`` / ``opt.load_state_dict()`` save and resume them exactly, and
+    ``torch.load(..., weights_only=True)`` reads them. Everything else (``param_groups``,
+    ``state``, ``zero_grad``, ``add_param_group``, hooks, LR schedulers, GradScaler) is the
+    inner optimizer's, shared. The one extra method is :meth:`swap_ema_weights`.
+
+    Args:
+        optimizer: the inner optimizer (any ``torch.optim.Optimizer``).
+        decay: float in [0, 1], or a schedule ``t -> float`` (see :mod:`ema_optim.schedules`).
+        update_after_step: for the first ``update_after_step`` steps the shadows just copy
+            the weights (skip the noisy start of training).
+        update_every: afterwards, update on every ``update_every``-th step only (>= 1).
+        bias_correction: debias the average as if it had started from zero.
+        ema_dtype: shadow dtype. ``None``: float32 for bfloat16/float16 params, else the
+            param dtype (so bf16 models average in fp32 without losing small updates).
+        ema_device: where shadows live. ``None``: with each param; ``"cpu"``: offloaded.
+
+    Cost: one shadow per parameter in the shadow dtype (4 bytes/param for fp32 or bf16
+    params with default settings) and, per update, one read of every weight and one
+    read-modify-write of every shadow. No host-device synchronisation. Params of groups
+    created with ``"ema": False`` and non-floating params have no shadow.
+
+    Raises:
+        TypeError: ``optimizer`` is not an Optimizer, or an argument has the wrong type.
+        ValueError: an argument is out of range.
+
+    .. note::
+        Buffers (BatchNorm running statistics) are not parameters, so they are not
+        averaged. Inside ``swap_ema_weights()`` either keep the training statistics or
+        recompute them for the EMA weights with ``torch.optim.swa_utils.update_bn``.
+
+    Example:
+        >>> import torch
+        >>> from ema_optim import EMAOptimizer
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> opt = EMAOptimizer(torch.optim.SGD([w], lr=1.0), decay=0.5)
+        >>> w.grad = -torch.ones(2)
+        >>> opt.step()                      # w: 0 -> 1; ema: 0.5 * 0 + 0.5 * 1
+        >>> opt.state[w]["ema"]
+        tensor([0.5000, 0.5000])
+        >>> with opt.swap_ema_weights():
+        ...     print(w.data)
+        tensor([0.5000, 0.5000])
+        >>> w.data
+        tensor([1., 1.])
+
+    References:
+        Polyak and Juditsky, "Acceleration of stochastic approximation by averaging", 1992.
+        Kingma and Ba, "Adam: A method for stochastic optimization", arXiv:1412.6980
+        (bias correction). Izmailov et al., "Averaging weights leads to wider optima and
+        better generalization", arXiv:1803.05407.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        decay: Decay = 0.9999,
+        *,
+        update_after_step: int = 0,
+        update_every: int = 1,
+        bias_correction: bool = False,
+        ema_dtype: Optional[torch.dtype] = None,
+        ema_device: Optional[Union[str, torch.device]] = None,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer instance, got {type(optimizer).__name__}; "
+                "build the inner optimizer first, e.g. EMAOptimizer(torch.optim.AdamW(model.parameters()))"
+            )
+        if isinstance(optimizer, EMAOptimizer):
+            raise TypeError("optimizer is already an EMAOptimizer; wrap the inner optimizer only once")
+        _check_decay_arg(decay)
+        _check_int("update_after_step", update_after_step, minimum=0)
+        _check_int("update_every", update_every, minimum=1)
+        if not isinstance(bias_correction, bool):
+            raise TypeError(f"bias_correction must be a bool, got {type(bias_correction).__name__}")
+        if ema_dtype is not None and not (isinstance(ema_dtype, torch.dtype) and ema_dtype.is_floating_point):
+            raise TypeError(f"ema_dtype must be a floating torch.dtype such as torch.float32, got {ema_dtype!r}")
+        if ema_device is not None:
+            ema_device = torch.device(ema_device)
+
+        # The base class sets up the hook registries and the step patch; the param groups
+        # and state are then the inner optimizer's own objects, so both see every change.
+        super().__init__([{"params": []}], {})
+        self.optimizer = optimizer
+        self.defaults = optimizer.defaults
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+
+        self.decay = decay
+        self.update_after_step = update_after_step
+        self.update_every = update_every
+        self.bias_correction = bias_correction
+        self.ema_dtype = ema_dtype
+        self.ema_device = ema_device
+
+        self._steps = 0  # optimizer steps seen (n)
+        self._updates = 0  # EMA updates folded in (t)
+        self._decay_prod = 1.0  # product of the decays used, for bias correction
+        self._weight = 0.0  # this step's lerp weight, computed on the host
+        self._weight_tensor: Optional[Tensor] = None  # the same as a 0-dim tensor, for torch.compile
+        self._groups: Optional[list[_kernels.Group]] = None  # cached (device, dtype) groups
+        self._needs_init = True  # some EMA params may lack a shadow
+        self._bare: list[Tensor] = []  # params whose state holds the shadow only (see _hide_bare)
+        self._swapped: Optional[list[tuple[Tensor, Tensor, str, Optional[Tensor]]]] = None
+
+    # ------------------------------------------------------------------ inner optimizer surface
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # GradScaler then hands us grad_scale/found_inf instead of unscaling; only true when
+        # the inner optimizer can take them, or it would step with scaled gradients.
+        return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group to the inner optimizer; its params get shadows at the next step.
+
+        A group with ``"ema": False`` gets no shadows (e.g. for params that should stay as trained).
+        """
+        if "optimizer" not in self.__dict__:  # the base __init__'s placeholder group
+            super().add_param_group(param_group)
+            return
+        self.optimizer.add_param_group(param_group)
+        self._groups = None
+        self._needs_init = True
+
+    def __repr__(self) -> str:
+        decay = getattr(self.decay, "__qualname__", None) or repr(self.decay)
+        return (
+            f"EMAOptimizer(decay={decay}, update_after_step={self.update_after_step}, "
+            f"update_every={self.update_every}, bias_correction={self.bias_correction}, "
+            f"ema_dtype={self.ema_dtype}, ema_device={self.ema_device},\n  {self.optimizer!r})"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_groups"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    # ------------------------------------------------------------------ step
+
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+        """Run the inner optimizer's step, then update the shadows.
+
+        Returns:
+            What the inner step returns (the closure's loss, if a closure was given).
+
+        Raises:
+            RuntimeError: inside ``swap_ema_weights()`` (nothing is changed).
+            ValueError: the decay schedule returned a value outside [0, 1] (nothing is changed).
+        """
+        if self._swapped is not None:
+            raise RuntimeError(
+                "step() was called inside swap_ema_weights(): the params hold the EMA weights; "
+                "leave the with-block before training"
+            )
+        action, counters = self._plan()
+        new_shadows = self._new_shadows() if self._needs_init else {}
+        hidden = self._hide_bare(everything=closure is not None)
+        found_inf = getattr(self, "found_inf", None)
+        forwarded = self._step_supports_amp_scaling and hasattr(self, "grad_scale")
+        if forwarded:  # GradScaler with a scale-aware inner optimizer
+            self.optimizer.grad_scale = self.grad_scale
+            self.optimizer.found_inf = found_inf
+        try:
+            loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        finally:
+            if forwarded:
+                del self.optimizer.grad_scale, self.optimizer.found_inf
+            self._unhide_bare(hidden)
+        if new_shadows:
+            self._adopt(new_shadows)
+        with torch.no_grad():
+            self._update(action, found_inf if forwarded else None)
+        self._steps, self._updates, self._decay_prod = counters
+        return loss
+
+    @torch.compiler.disable
+    def _plan(self) -> tuple[str, tuple[int, int, float]]:
+        """Decide this step's action on the host and compute its weight; changes nothing.
+
+        Kept out of torch.compile so that neither the counters nor the weight become
+        guards: a compiled step then reuses one graph whatever the decay.
+        """
+        n = self._steps + 1
+        updates, prod = self._updates, self._decay_prod
+        if n <= self.update_after_step:
+            action = "copy"
+        elif (n - self.update_after_step) % self.update_every == 0:
+            d = self._decay_at(updates)
+            updates += 1
+            if self.bias_correction:
+                prod *= d
+                # (1 - d) / (1 - prod(d)) reweights the EMA-from-zero into its debiased form;
+                # while every decay so far was exactly 1 that is 0/0, whose limit is the mean.
+                self._weight = (1.0 - d) / (1.0 - prod) if prod < 1.0 else 1.0 / updates
+            else:
+                self._weight = 1.0 - d
+            action = "lerp"
+        else:
+            action = "skip"
+        if self._weight_tensor is not None:
+            self._weight_tensor.fill_(self._weight)
+        return action, (n, updates, prod)
+
+    def _decay_at(self, t: int) -> float:
+        if not callable(self.decay):
+            return float(self.decay)
+        d = self.decay(t)
+        if isinstance(d, Tensor) or isinstance(d, bool) or not isinstance(d, numbers.Real):
+            raise TypeError(f"the decay schedule must return a float, got {type(d).__name__} at t={t}")
+        d = float(d)
+        if not 0.0 <= d <= 1.0:  # also catches NaN
+            raise ValueError(
+                f"the decay schedule returned {d} at t={t} (EMA updates done); it must be in [0, 1]. "
+                "Nothing was changed by this step."
+            )
+        return d
+
+    def _update(self, action: str, found_inf: Optional[Tensor]) -> None:
+        if action == "skip":
+            return
+        groups = self._ema_groups()
+        if not groups:
+            return
+        if found_inf is not None:
+            # A skipped (inf/NaN) step is only known on the device: weight it to zero there.
+            keep = 1.0 - found_inf.to(groups[0].shadows[0].device, torch.float32).reshape(())
+            weight = keep if action == "copy" else keep * self._weight
+            _kernels.lerp_(groups, weight)
+        elif action == "copy":
+            _kernels.copy_(groups)
+        elif torch.compiler.is_compiling():
+            _kernels.lerp_(groups, self._compiled_weight(groups))
+        else:
+            _kernels.lerp_(groups, self._weight)
+
+    def _compiled_weight(self, groups: list[_kernels.Group]) -> Tensor:
+        # A 0-dim tensor updated in place by _plan(): a changing decay is data, not a guard.
+        if self._weight_tensor is None:
+            self._weight_tensor = torch.tensor(self._weight, device=groups[0].shadows[0].device)
+        return self._weight_tensor
+
+    # ------------------------------------------------------------------ shadows
+
+    def _ema_params(self) -> Iterator[Tensor]:
+        for group in self.param_groups:
+            if group.get(EMA, True):
+                for p in group["params"]:
+                    if p.is_floating_point() or p.is_complex():
+                        yield p
+
+    def _shadow_dtype(self, p: Tensor) -> torch.dtype:
+        if self.ema_dtype is not None and p.is_floating_point():
+            return self.ema_dtype
+        if p.dtype in (torch.bfloat16, torch.float16):
+            return torch.float32
+        return p.dtype
+
+    def _as_shadow(self, p: Tensor, value: Tensor) -> Tensor:
+        """A contiguous shadow for ``p`` with ``value``'s contents, in the shadow dtype and device."""
+        device = self.ema_device or p.device
+        dtype = self._shadow_dtype(p)
+        if device.type == "cpu" and _kernels.local(p).device.type != "cpu" and torch.cuda.is_available():
+            shadow = torch.empty(p.shape, dtype=dtype, pin_memory=True)
+            shadow.copy_(value.detach())
+            return shadow
+        return value.detach().to(device=device, dtype=dtype, copy=True, memory_format=torch.contiguous_format)
+
+    def _new_shadows(self) -> dict[Tensor, Tensor]:
+        """Shadows for EMA params that have none yet, from their current (pre-step) weights."""
+        with torch.no_grad():
+            return {
+                p: self._as_shadow(p, p) for p in self._ema_params() if EMA not in self.state.get(p, ())
+            }
+
+    def _adopt(self, new_shadows: dict[Tensor, Tensor]) -> None:
+        for p, shadow in new_shadows.items():
+            self.state[p][EMA] = shadow
+        self._needs_init = False
+        self._groups = None
+        self._find_bare()
+
+    def _ema_groups(self) -> list[_kernels.Group]:
+        if self._groups is None:
+            pairs = [(self.state[p][EMA], p) for p in self._ema_params() if EMA in self.state.get(p, ())]
+            self._groups = _kernels.group_pairs([s for s, _ in pairs], [p for _, p in pairs])
+        return self._groups
+
+    # Stock optimizers such as Adam create their state when ``len(state) == 0``. A param that
+    # has a shadow but no inner state yet (no grad so far, e.g. frozen then unfrozen) would
+    # look initialised to them, so its state is hidden from the inner step until it has one.
+    def _find_bare(self) -> None:
+        self._bare = [p for p, s in self.state.items() if isinstance(p, Tensor) and s.keys() <= {EMA}]
+
+    def _hide_bare(self, everything: bool) -> dict[Tensor, dict]:
+        # With a closure the grads only appear inside the inner step, so hide them all.
+        if not self._bare:
+            return {}
+        return {p: self.state.pop(p) for p in self._bare if (everything or p.grad is not None) and p in self.state}
+
+    def _unhide_bare(self, hidden: dict[Tensor, dict]) -> None:
+        if not hidden:
+            return
+        for p, ours in hidden.items():
+            self.state[p].update(ours)
+        self._find_bare()
+
+    # ------------------------------------------------------------------ swap
+
+    @contextlib.contextmanager
+    def swap_ema_weights(self) -> Iterator[None]:
+        """Context manager: the model's params hold the EMA weights inside the block.
+
+        On exit, also by exception, the training weights come back bit for bit. Params
+        without a shadow (before the first step, ``"ema": False`` groups) are left alone.
+
+        Cost: no model-sized copy. Same-dtype pairs trade values in place through a
+        scratch of at most 1M elements; bf16 params with fp32 shadows are packed in place
+        (the param gets the EMA rounded to bf16, half away from zero; the shadow's 32 bits
+        keep the 16 training bits and the 16 bits the rounding dropped). Other dtype
+        pairs (e.g. fp16 params with fp32 shadows) keep a copy of those params only.
+
+        Inside the block, ``opt.step()`` and a nested swap raise ``RuntimeError``;
+        ``opt.state_dict()`` returns what it returns outside; ``opt.state[p]["ema"]`` holds
+        swap bookkeeping, not the EMA. Changes to the params made inside the block are not
+        kept: on exit they go to the shadows' slots and are overwritten (exchange) or dropped.
+
+        Example:
+            >>> import torch
+            >>> from ema_optim import EMAOptimizer
+            >>> model = torch.nn.Linear(2, 1)
+            >>> opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.9)
+            >>> model(torch.ones(1, 2)).sum().backward(); opt.step()
+            >>> before = [p.clone() for p in model.parameters()]
+            >>> with opt.swap_ema_weights():
+            ...     ema_out = model(torch.ones(1, 2))   # evaluate the EMA model here
+            >>> all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+            True
+        """
+        if self._swapped is not None:
+            raise RuntimeError("swap_ema_weights() is already active; it cannot be nested")
+        try:
+            self._swap_in()  # on failure half-way, what was swapped is recorded and undone below
+            yield
+        finally:
+            self._swap_out()
+
+    @torch.no_grad()
+    def _swap_in(self) -> None:
+        swapped: list[tuple[Tensor, Tensor, str, Optional[Tensor]]] = []
+        try:
+            for p in self._ema_params():
+                shadow = self.state.get(p, {}).get(EMA)
+                if shadow is None:
+                    continue
+                method = _kernels.swap_method(shadow, p)
+                stash = None
+                if method == "exchange":
+                    _kernels.exchange_(shadow, p)
+                elif method == "pack":
+                    _kernels.pack_(shadow, p)
+                else:
+                    stash = p.detach().clone()
+                    p.copy_(shadow)
+                swapped.append((p, shadow, method, stash))
+        finally:
+            self._swapped = swapped
+
+    @torch.no_grad()
+    def _swap_out(self) -> None:
+        swapped, self._swapped = self._swapped or [], None
+        for p, shadow, method, stash in reversed(swapped):
+            if method == "exchange":
+                _kernels.exchange_(shadow, p)
+            elif method == "pack":
+                _kernels.unpack_(shadow, p)
+            else:
+                p.copy_(stash)
+
+    # ------------------------------------------------------------------ state dict
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict, with each param's shadow under ``"ema"``.
+
+        ``state_dict()["state"][i]["ema"]`` is the shadow of the i-th param (in the shadow
+        dtype); the EMA counters are plain ints/floats in every param group. Inside
+        ``swap_ema_weights()`` the same values are returned (as copies).
+        """
+        if self._swapped is None:
+            return self._state_dict()
+        swapped = self._swapped
+        self._swap_out()
+        try:
+            sd = self._state_dict()
+            for i, s in sd["state"].items():
+                if EMA in s:
+                    sd["state"][i] = {**s, EMA: s[EMA].clone()}
+        finally:
+            self._swap_in()
+            if len(self._swapped or ()) != len(swapped):  # pragma: no cover - defensive
+                raise RuntimeError("could not re-enter swap_ema_weights() after state_dict()")
+        return sd
+
+    def _state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        for group in sd["param_groups"]:
+            group.update({STEPS: self._steps, UPDATES: self._updates, DECAY_PROD: self._decay_prod})
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict from :meth:`state_dict` (or from the plain inner optimizer).
+
+        The whole dict is checked before anything changes. Shadows keep the shadow dtype
+        (fp32 shadows of bf16 params stay fp32). A plain inner-optimizer state dict (no
+        ``"ema"`` anywhere) loads the inner state and restarts the EMA from the current
+        weights at the next step, with a ``UserWarning``.
+
+        Raises:
+            RuntimeError: inside ``swap_ema_weights()``.
+            ValueError: the state dict does not fit this optimizer; nothing was changed.
+        """
+        if self._swapped is not None:
+            raise RuntimeError("load_state_dict() cannot run inside swap_ema_weights(); leave the block first")
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        plan = self._check_state_dict(state_dict)
+        inner_sd = {
+            **state_dict,
+            "state": {
+                k: {kk: vv for kk, vv in v.items() if kk != EMA} for k, v in state_dict["state"].items()
+            },
+            "param_groups": [
+                {k: v for k, v in g.items() if k not in COUNTERS} for g in state_dict["param_groups"]
+            ],
+        }
+        old = (self.optimizer.state, self.optimizer.param_groups)
+        try:
+            self.optimizer.load_state_dict(inner_sd)
+        except Exception:
+            self.optimizer.state, self.optimizer.param_groups = old
+            raise
+        self.state = self.optimizer.state
+        self.param_groups = self.optimizer.param_groups
+
+        shadows, counters = plan
+        if counters is None:
+            warnings.warn(
+                "loaded a state dict without EMA shadows (a plain inner-optimizer state dict?): "
+                "the EMA restarts from the current weights at the next step",
+                UserWarning,
+                stacklevel=2,
+            )
+            counters = (0, 0, 1.0)
+        with torch.no_grad():
+            for p, value in shadows.items():
+                self.state[p][EMA] = self._as_shadow(p, value)
+        self._steps, self._updates, self._decay_prod = counters
+        self._groups = None
+        self._needs_init = True
+        self._find_bare()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _check_state_dict(self, sd: dict[str, Any]) -> tuple[dict[Tensor, Tensor], Optional[tuple]]:
+        """Validate a whole state dict; return the shadows to install and the counters."""
+        for key in ("state", "param_groups"):
+            if key not in sd:
+                raise ValueError(f"the state dict has no {key!r} key; pass the dict from opt.state_dict()")
+        saved_groups, saved_state = sd["param_groups"], sd["state"]
+        if not isinstance(saved_state, Mapping) or not isinstance(saved_groups, (list, tuple)):
+            raise ValueError("state_dict['state'] must be a dict and state_dict['param_groups'] a list")
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"the state dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
+            )
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if not isinstance(saved, Mapping) or "params" not in saved:
+                raise ValueError(f"param group {i} of the state dict has no 'params' key")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param group {i} of the state dict has {len(saved['params'])} params, "
+                    f"this optimizer's has {len(group['params'])}"
+                )
+        ids = list(chain.from_iterable(g["params"] for g in saved_groups))
+        if len(set(ids)) != len(ids):
+            raise ValueError("the state dict lists a param id twice in its param groups")
+        id_map = dict(zip(ids, chain.from_iterable(g["params"] for g in self.param_groups)))
+        unknown = [k for k in saved_state if k not in id_map]
+        if unknown:
+            raise ValueError(f"the state dict has state for param ids {unknown[:5]} that no param group lists")
+
+        counters = self._check_counters(saved_groups)
+        shadows: dict[Tensor, Tensor] = {}
+        for i, saved in enumerate(saved_groups):
+            averaged = [k for k in saved["params"] if _averages(id_map[k], saved)]
+            have = [k for k in averaged if EMA in saved_state.get(k, {})]
+            if have and len(have) != len(averaged):
+                missing = [k for k in averaged if k not in have]
+                raise ValueError(f"param group {i}: params {missing[:5]} have no 'ema' shadow but others do")
+            for k in have:
+                p, value = id_map[k], saved_state[k][EMA]
+                if not isinstance(value, Tensor) or not (value.is_floating_point() or value.is_complex()):
+                    raise ValueError(f"state[{k!r}]['ema'] must be a floating tensor, got {type(value).__name__}")
+                if value.shape != p.shape:
+                    raise ValueError(
+                        f"state[{k!r}]['ema'] has shape {tuple(value.shape)}, its param has {tuple(p.shape)}"
+                    )
+                shadows[p] = value
+        for k, saved in saved_state.items():
+            self._check_inner_state(k, id_map[k], saved)
+        if shadows and counters is None:
+            raise ValueError(
+                f"the state dict has 'ema' shadows but no EMA counters ({', '.join(COUNTERS)}) in its param groups"
+            )
+        if counters is None and any(EMA in s for s in saved_state.values()):  # pragma: no cover
+            raise ValueError("the state dict has 'ema' entries for params without an EMA")
+        return shadows, counters
+
+    def _check_counters(self, saved_groups: list) -> Optional[tuple[int, int, float]]:
+        present = [all(c in g for c in COUNTERS) for g in saved_groups]
+        if not any(present) and not any(c in g for g in saved_groups for c in COUNTERS):
+            return None
+        if not all(present):
+            raise ValueError(f"some param groups of the state dict lack the EMA counters {COUNTERS}")
+        values = {tuple(g[c] for c in COUNTERS) for g in saved_groups}
+        if len(values) != 1:
+            raise ValueError(f"the param groups of the state dict disagree on the EMA counters: {values}")
+        steps, updates, prod = values.pop()
+        for name, v in ((STEPS, steps), (UPDATES, updates)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} in the state dict must be an int >= 0, got {v!r}")
+        if isinstance(prod, bool) or not isinstance(prod, numbers.Real) or not 0.0 <= prod <= 1.0:
+            raise ValueError(f"{DECAY_PROD} in the state dict must be a float in [0, 1], got {prod!r}")
+        return steps, updates, float(prod)
+
+    def _check_inner_state(self, k: Any, p: Tensor, saved: Any) -> None:
+        """Inner keys must match what this optimizer already holds for the param (keys, shapes)."""
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"state[{k!r}] must be a dict, got {type(saved).__name__}")
+        current = {kk: v for kk, v in self.state.get(p, {}).items() if kk != EMA}
+        given = {kk: v for kk, v in saved.items() if kk != EMA}
+        if current and given:
+            missing = current.keys() - given.keys()
+            if missing:
+                raise ValueError(f"state[{k!r}] lacks the keys {sorted(map(str, missing))} of this optimizer's state")
+        for kk, v in given.items():
+            cur = current.get(kk)
+            if isinstance(cur, Tensor) and isinstance(v, Tensor) and cur.shape != v.shape:
+                raise ValueError(
+                    f"state[{k!r}][{kk!r}] has shape {tuple(v.shape)}, this optimizer's has {tuple(cur.shape)}"
+                )
+
+
+def _averages(p: Tensor, saved_group: Mapping) -> bool:
+    return bool(saved_group.get(EMA, True)) and (p.is_floating_point() or p.is_complex())
+
+
+def _check_decay_arg(decay: Any) -> None:
+    if callable(decay):
+        return
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or isinstance(decay, Tensor):
+        raise TypeError(
+            f"decay must be a float in [0, 1] or a schedule t -> float, got {type(decay).__name__}"
+        )
+    if math.isnan(decay) or not 0.0 <= decay <= 1.0:
+        raise ValueError(
+            f"decay must be in [0, 1], got {decay}; for a half-life of h updates use schedules.half_life(h)"
+        )
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")

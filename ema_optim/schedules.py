@@ -1,0 +1,172 @@
+"""Decay schedules for :class:`ema_optim.EMAOptimizer`.
+
+Each factory validates its arguments once and returns a pure function ``t -> decay``
+where ``t`` is the number of EMA updates already folded into the shadows (0 at the
+first update). Pass the result as ``decay=``::
+
+    >>> from ema_optim import schedules
+    >>> d = schedules.polyak()
+    >>> [d(t) for t in range(4)]
+    [0.0, 0.5, 0.6666666666666666, 0.75]
+    >>> round(schedules.half_life(10)(0) ** 10, 12)
+    0.5
+
+A rule of thumb for a constant decay ``d``: a weight's influence halves after about
+``0.69 / (1 - d)`` updates (``d = 0.999`` -> ~693 updates).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+__all__ = ["warmup", "polyak", "half_life", "linear", "cosine"]
+
+Schedule = Callable[[int], float]
+
+
+def _check_real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    return float(value)
+
+
+def _check_decay(name: str, value: object) -> float:
+    value = _check_real(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+def _check_positive(name: str, value: object) -> float:
+    value = _check_real(name, value)
+    if not value > 0 or math.isinf(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def _check_steps(steps: object) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return steps
+
+
+def warmup(
+    max_decay: float = 0.9999,
+    inv_gamma: float = 1.0,
+    power: float = 2 / 3,
+    min_decay: float = 0.0,
+) -> Schedule:
+    """Decay that grows from 0 toward ``max_decay``: ``1 - (1 + t / inv_gamma) ** -power``.
+
+    The result is clamped to ``[min_decay, max_decay]``. With ``inv_gamma=1`` and
+    ``power=2/3`` the decay reaches 0.999 after about 31.6K updates and 0.9999 after
+    about 1M; ``power=3/4`` reaches 0.999 at 10K and 0.9999 at 215K updates. This is
+    the warm-up of timm's ``ModelEmaV3`` and diffusers' ``EMAModel``.
+
+    Args:
+        max_decay: upper clamp, in [0, 1].
+        inv_gamma: > 0; larger values slow the warm-up down.
+        power: > 0; larger values speed it up.
+        min_decay: lower clamp, in [0, max_decay].
+
+    Raises:
+        ValueError: for a bad argument.
+
+    Example:
+        >>> d = warmup(max_decay=0.999)
+        >>> d(0), round(d(7), 4), d(10**9)
+        (0.0, 0.75, 0.999)
+    """
+    max_decay = _check_decay("max_decay", max_decay)
+    min_decay = _check_decay("min_decay", min_decay)
+    inv_gamma = _check_positive("inv_gamma", inv_gamma)
+    power = _check_positive("power", power)
+    if min_decay > max_decay:
+        raise ValueError(f"min_decay ({min_decay}) must be <= max_decay ({max_decay})")
+
+    def decay(t: int) -> float:
+        value = 1.0 - (1.0 + t / inv_gamma) ** -power
+        return min(max(value, min_decay), max_decay)
+
+    return decay
+
+
+def polyak() -> Schedule:
+    """Decay ``t / (t + 1)``: the shadow is the arithmetic mean of every weight averaged so far.
+
+    This is Polyak-Ruppert averaging (Polyak and Juditsky, 1992), the average that
+    ``torch.optim.swa_utils.AveragedModel`` computes by default.
+
+    Example:
+        >>> polyak()(3)
+        0.75
+    """
+
+    def decay(t: int) -> float:
+        return t / (t + 1.0)
+
+    return decay
+
+
+def half_life(h: float) -> Schedule:
+    """Constant decay ``0.5 ** (1 / h)``: a weight's influence halves every ``h`` EMA updates.
+
+    Args:
+        h: the half-life in EMA updates, > 0.
+
+    Example:
+        >>> round(half_life(693)(0), 6)
+        0.999
+    """
+    h = _check_positive("h", h)
+    value = 0.5 ** (1.0 / h)
+
+    def decay(t: int) -> float:
+        return value
+
+    return decay
+
+
+def linear(start: float, end: float, steps: int) -> Schedule:
+    """Decay that moves linearly from ``start`` to ``end`` over ``steps`` updates, then stays at ``end``.
+
+    ``decay(t) = start + min(t / steps, 1) * (end - start)``.
+
+    Example:
+        >>> d = linear(0.9, 0.99, 10)
+        >>> d(0), round(d(5), 6), d(100)
+        (0.9, 0.945, 0.99)
+    """
+    start = _check_decay("start", start)
+    end = _check_decay("end", end)
+    steps = _check_steps(steps)
+
+    def decay(t: int) -> float:
+        return start + min(t / steps, 1.0) * (end - start)
+
+    return decay
+
+
+def cosine(start: float, end: float, steps: int) -> Schedule:
+    """Decay that moves from ``start`` to ``end`` along a half cosine over ``steps`` updates.
+
+    ``decay(t) = end + (start - end) * (1 + cos(pi * min(t, steps) / steps)) / 2``.
+
+    Example:
+        >>> d = cosine(0.9, 0.99, 10)
+        >>> d(0), round(d(5), 6), d(100)
+        (0.9, 0.945, 0.99)
+    """
+    start = _check_decay("start", start)
+    end = _check_decay("end", end)
+    steps = _check_steps(steps)
+
+    def decay(t: int) -> float:
+        return end + (start - end) * (1.0 + math.cos(math.pi * min(t, steps) / steps)) / 2.0
+
+    return decay
