@@ -1,0 +1,169 @@
+"""swap_ema_weights(): the EMA goes in, the training weights come back bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ema_optim import EMAOptimizer, _kernels
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def trained(dtype, steps=3, **kwargs):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3)).to(dtype)
+    opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.7, **kwargs)
+    for _ in range(steps):
+        model(torch.randn(4, 5, dtype=dtype)).float().pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def bits(t):
+    return t.detach().clone(memory_format=torch.contiguous_format).view(torch.uint8)
+
+
+def snapshot(model, opt):
+    return [bits(p) for p in model.parameters()], [bits(opt.state[p]["ema"]) for p in model.parameters()]
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_swap_puts_ema_in_and_restores_bitwise(dtype):
+    model, opt = trained(dtype)
+    before = snapshot(model, opt)
+    shadows = [opt.state[p]["ema"].clone() for p in model.parameters()]
+    with opt.swap_ema_weights():
+        for p, s in zip(model.parameters(), shadows):
+            # the EMA rounded to the param dtype (bf16: to nearest, ties away from zero)
+            assert torch.allclose(p.detach().double(), s.double(), rtol=2 ** -8, atol=0)
+        inside = {k: v.clone() for k, v in model.state_dict().items()}
+    assert_same(snapshot(model, opt)[0], before[0])
+    assert_same(snapshot(model, opt)[1], before[1])
+    for (name, v), s in zip(inside.items(), shadows):
+        torch.testing.assert_close(v.double(), s.double(), rtol=2 ** -8, atol=0)
+
+
+def test_same_dtype_swap_gives_the_exact_shadow():
+    model, opt = trained(torch.float32)
+    shadows = [opt.state[p]["ema"].clone() for p in model.parameters()]
+    with opt.swap_ema_weights():
+        for p, s in zip(model.parameters(), shadows):
+            assert torch.equal(p.detach(), s)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_restores_on_exception(dtype):
+    model, opt = trained(dtype)
+    before = snapshot(model, opt)
+    with pytest.raises(KeyError, match="boom"):
+        with opt.swap_ema_weights():
+            raise KeyError("boom")
+    assert_same(snapshot(model, opt)[0], before[0])
+    assert_same(snapshot(model, opt)[1], before[1])
+
+
+def test_step_and_nested_swap_raise_and_change_nothing():
+    model, opt = trained(torch.float32)
+    with opt.swap_ema_weights():
+        inside = snapshot(model, opt)
+        model(torch.randn(2, 5)).sum().backward()
+        with pytest.raises(RuntimeError, match="inside swap_ema_weights"):
+            opt.step()
+        with pytest.raises(RuntimeError, match="nested"):
+            with opt.swap_ema_weights():
+                pass
+        with pytest.raises(RuntimeError, match="swap_ema_weights"):
+            opt.load_state_dict(opt.state_dict())
+        assert_same(snapshot(model, opt)[0], inside[0])
+        assert_same(snapshot(model, opt)[1], inside[1])
+    opt.step()  # works again outside
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_state_dict_inside_equals_outside(dtype):
+    model, opt = trained(dtype)
+    outside = opt.state_dict()
+    expected = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in outside["state"].items()}
+    with opt.swap_ema_weights():
+        inside = opt.state_dict()
+        params_inside = snapshot(model, opt)[0]
+    assert inside["param_groups"] == outside["param_groups"]
+    for i, s in expected.items():
+        assert inside["state"][i].keys() == s.keys()
+        for k, v in s.items():
+            assert torch.equal(inside["state"][i][k], v) if torch.is_tensor(v) else inside["state"][i][k] == v
+    with opt.swap_ema_weights():  # and the swap inside was not disturbed by state_dict()
+        assert_same(snapshot(model, opt)[0], params_inside)
+
+
+def test_swap_before_first_step_is_a_noop():
+    model = torch.nn.Linear(3, 2)
+    opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    before = [bits(p) for p in model.parameters()]
+    with opt.swap_ema_weights():
+        assert_same([bits(p) for p in model.parameters()], before)
+    assert_same([bits(p) for p in model.parameters()], before)
+
+
+def test_non_contiguous_param_uses_a_copy_and_restores():
+    base = torch.randn(6, 4)
+    p = torch.nn.Parameter(base.t())  # non-contiguous leaf
+    assert not p.is_contiguous()
+    opt = EMAOptimizer(torch.optim.SGD([p], lr=0.1), decay=0.5)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    before, shadow = bits(p), opt.state[p]["ema"].clone()
+    with opt.swap_ema_weights():
+        assert torch.equal(p.detach(), shadow)
+    assert torch.equal(bits(p), before)
+
+
+def _random_bits(n, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    width = {torch.float32: torch.int32, torch.bfloat16: torch.int16}[dtype]
+    info = torch.iinfo(width)
+    return torch.randint(info.min, info.max, (n,), generator=g, dtype=torch.int64).to(width).view(dtype)
+
+
+def test_pack_unpack_is_the_identity_on_every_bit_pattern():
+    # random bit patterns (NaNs, infs, subnormals, -0 included) plus the rounding edge cases
+    shadow = _random_bits(200_000, torch.float32, 1)
+    param = _random_bits(200_000, torch.bfloat16, 2)
+    edges = torch.tensor(
+        [0x3F808000, 0x3F818000, 0xBF808000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000, 0x00008000, 0x80008000, 0],
+        dtype=torch.int64,
+    )
+    edges = torch.where(edges >= 2**31, edges - 2**32, edges).to(torch.int32).view(torch.float32)
+    shadow = torch.cat([shadow, edges])
+    param = torch.cat([param, param[: len(edges)]])
+    s, p = shadow.clone(), param.clone()
+    _kernels.pack_(s, p)
+    _kernels.unpack_(s, p)
+    assert torch.equal(s.view(torch.int32), shadow.view(torch.int32))
+    assert torch.equal(p.view(torch.int16), param.view(torch.int16))
+
+
+def test_pack_rounds_to_nearest_bf16():
+    g = torch.Generator().manual_seed(3)
+    shadow = torch.randn(100_000, generator=g) * torch.logspace(-30, 30, 100_000).float()
+    s, p = shadow.clone(), torch.zeros(100_000, dtype=torch.bfloat16)
+    _kernels.pack_(s, p)
+    # reference in float64: the two bf16 neighbours of the value, take the nearer one
+    x = shadow.double()
+    down = shadow.view(torch.int32) & ~0xFFFF  # truncation toward zero (sign-magnitude)
+    lo = down.view(torch.float32).double()
+    hi = (down + 0x10000).view(torch.float32).double()
+    nearer = torch.where((x - lo).abs() < (hi - x).abs(), lo, hi)
+    ties = (x - lo).abs() == (hi - x).abs()
+    assert torch.equal(p.double()[~ties], nearer[~ties])
+    assert torch.equal(p.double()[ties], hi[ties])  # ties away from zero
+    # differs from round-to-nearest-even only on exact ties
+    assert torch.equal(p[~ties], shadow.to(torch.bfloat16)[~ties])
