@@ -1,0 +1,259 @@
+"""state_dict / load_state_dict: standard layout, exact resume, atomic failures."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+
+from ema_optim import EMAOptimizer, schedules
+
+
+def make(dtype=torch.float32, inner="adamw", seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)).to(dtype)
+    params = model.parameters()
+    inners = {
+        "adamw": lambda: torch.optim.AdamW(params, lr=0.01),
+        "sgd": lambda: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+        "rmsprop": lambda: torch.optim.RMSprop(params, lr=0.01),
+    }
+    kwargs.setdefault("decay", 0.9)
+    return model, EMAOptimizer(inners[inner](), **kwargs)
+
+
+def train(model, opt, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    for _ in range(steps):
+        x = torch.randn(8, 4, generator=g).to(dtype)
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def bitwise_equal(a, b):
+    return a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def full_snapshot(model, opt):
+    """Everything a failed call must leave alone: params, all state, groups, counters."""
+    return (
+        [p.detach().clone() for p in model.parameters()],
+        copy.deepcopy({id(p): s for p, s in opt.state.items()}),
+        copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]),
+        (opt._steps, opt._updates, opt._decay_prod),
+        opt.state is opt.optimizer.state and opt.param_groups is opt.optimizer.param_groups,
+    )
+
+
+def assert_unchanged(before, after):
+    (p0, s0, g0, c0, shared0), (p1, s1, g1, c1, shared1) = before, after
+    assert all(bitwise_equal(a, b) for a, b in zip(p0, p1))
+    assert s0.keys() == s1.keys()
+    for k in s0:
+        assert s0[k].keys() == s1[k].keys()
+        for kk in s0[k]:
+            v0, v1 = s0[k][kk], s1[k][kk]
+            assert bitwise_equal(v0, v1) if torch.is_tensor(v0) else v0 == v1
+    assert g0 == g1 and c0 == c1 and shared0 and shared1
+
+
+def test_layout_and_weights_only_load():
+    model, opt = make()
+    train(model, opt, 3, seed=1)
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups"}
+    params = list(model.parameters())
+    for i, p in enumerate(params):
+        assert set(sd["state"][i]) == {"step", "exp_avg", "exp_avg_sq", "ema"}
+        assert sd["state"][i]["ema"] is opt.state[p]["ema"]
+    assert sd["param_groups"][0]["ema_steps"] == 3
+    loaded = roundtrip(sd)
+    assert torch.equal(loaded["state"][0]["ema"], sd["state"][0]["ema"])
+
+
+CONFIGS = [
+    ("adamw", torch.float32, dict(decay=0.9)),
+    ("sgd", torch.float64, dict(decay=schedules.warmup(0.999), update_after_step=2, update_every=3)),
+    ("rmsprop", torch.float32, dict(decay=schedules.cosine(0.5, 0.99, 5), bias_correction=True)),
+    ("adamw", torch.bfloat16, dict(decay=0.95, bias_correction=True)),
+]
+
+
+@pytest.mark.parametrize("inner,dtype,kwargs", CONFIGS, ids=["adamw", "sgd_sched", "rmsprop_bc", "bf16"])
+@pytest.mark.parametrize("n", [1, 4, 5])
+def test_resume_is_exact(inner, dtype, kwargs, n):
+    model, opt = make(dtype, inner, **kwargs)
+    train(model, opt, n, seed=1)
+    train(model, opt, n, seed=2)
+
+    model_a, opt_a = make(dtype, inner, **kwargs)
+    train(model_a, opt_a, n, seed=1)
+    saved_model, saved_opt = roundtrip(model_a.state_dict()), roundtrip(opt_a.state_dict())
+    model_b, opt_b = make(dtype, inner, seed=123, **kwargs)  # different init: everything must come from the files
+    model_b.load_state_dict(saved_model)
+    opt_b.load_state_dict(saved_opt)
+    train(model_b, opt_b, n, seed=2)
+
+    for p, q in zip(model.parameters(), model_b.parameters()):
+        assert bitwise_equal(p.detach(), q.detach())
+        assert bitwise_equal(opt.state[p]["ema"], opt_b.state[q]["ema"])
+    assert opt_b.state is opt_b.optimizer.state and opt_b.param_groups is opt_b.optimizer.param_groups
+
+
+def test_fp32_shadows_of_bf16_params_stay_fp32_and_lr_stays_shared():
+    model, opt = make(torch.bfloat16)
+    train(model, opt, 2, seed=1)
+    sd = roundtrip(opt.state_dict())
+    model2, opt2 = make(torch.bfloat16)
+    opt2.load_state_dict(sd)
+    for p in model2.parameters():
+        assert opt2.state[p]["ema"].dtype == torch.float32
+        assert opt2.state[p]["exp_avg"].dtype == torch.bfloat16
+    opt2.param_groups[0]["lr"] = 0.5
+    assert opt2.optimizer.param_groups[0]["lr"] == 0.5
+
+
+def test_plain_inner_state_dict_warns_and_restarts():
+    model, opt = make()
+    train(model, opt, 3, seed=1)
+    plain_model = copy.deepcopy(model)
+    plain = torch.optim.AdamW(plain_model.parameters(), lr=0.01)
+    train(plain_model, plain, 2, seed=3)
+    with pytest.warns(UserWarning, match="restarts"):
+        opt.load_state_dict(plain.state_dict())
+    assert all("ema" not in opt.state[p] for p in model.parameters())
+    assert opt._steps == 0 and opt._updates == 0
+    weights = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, 1, seed=4)
+    # restarted: the shadow is 0.9 * (weights at this step's start) + 0.1 * (weights after it)
+    for p, w in zip(model.parameters(), weights):
+        torch.testing.assert_close(opt.state[p]["ema"], 0.9 * w + 0.1 * p.detach())
+
+
+def test_state_dict_before_first_step_loads_silently():
+    model, opt = make()
+    sd = opt.state_dict()
+    _, opt2 = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt2.load_state_dict(sd)
+
+
+def _drop_ema_of_param_1(sd):
+    sd["state"][1].pop("ema")
+
+
+def _counters_missing(sd):
+    for g in sd["param_groups"]:
+        g.pop("ema_steps")
+
+
+def _bad_shape(sd):
+    sd["state"][0]["ema"] = torch.zeros(3, 3)
+
+
+def _bad_inner_shape(sd):
+    sd["state"][2]["exp_avg"] = torch.zeros(5)
+
+
+def _missing_inner_key(sd):
+    sd["state"][0].pop("exp_avg_sq")
+
+
+def _extra_group(sd):
+    sd["param_groups"].append(dict(sd["param_groups"][0], params=[]))
+
+
+def _short_group(sd):
+    sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:-1]
+
+
+def _unknown_id(sd):
+    sd["state"][99] = {"ema": torch.zeros(1)}
+
+
+def _no_state(sd):
+    sd.pop("state")
+
+
+def _ema_not_tensor(sd):
+    sd["state"][0]["ema"] = 1.0
+
+
+def _bad_counter(sd):
+    for g in sd["param_groups"]:
+        g["ema_updates"] = -1
+
+
+def _last_param_bad_shape(sd):  # fails late: after most of the dict was checked
+    sd["state"][3]["ema"] = torch.zeros(7)
+
+
+BAD = [
+    (_drop_ema_of_param_1, "have no 'ema'"),
+    (_counters_missing, "counters"),
+    (_bad_shape, "shape"),
+    (_bad_inner_shape, "shape"),
+    (_missing_inner_key, "lacks the keys"),
+    (_extra_group, "param groups"),
+    (_short_group, "params"),
+    (_unknown_id, "no param group lists"),
+    (_no_state, "'state'"),
+    (_ema_not_tensor, "floating tensor"),
+    (_bad_counter, "ema_updates"),
+    (_last_param_bad_shape, "shape"),
+]
+
+
+@pytest.mark.parametrize("corrupt,match", BAD, ids=[f.__name__.strip("_") for f, _ in BAD])
+def test_bad_state_dict_raises_and_changes_nothing(corrupt, match):
+    model, opt = make()
+    train(model, opt, 2, seed=1)
+    sd = roundtrip(opt.state_dict())
+    model_b, opt_b = make(seed=5)
+    train(model_b, opt_b, 3, seed=6)
+    corrupt(sd)
+    before = full_snapshot(model_b, opt_b)
+    with pytest.raises(ValueError, match=match):
+        opt_b.load_state_dict(sd)
+    assert_unchanged(before, full_snapshot(model_b, opt_b))
+    train(model_b, opt_b, 1, seed=7)  # still usable
+
+
+def test_load_does_not_mutate_the_given_dict():
+    model, opt = make()
+    train(model, opt, 2, seed=1)
+    sd = roundtrip(opt.state_dict())
+    keys = {i: set(s) for i, s in sd["state"].items()}
+    group_keys = [set(g) for g in sd["param_groups"]]
+    _, opt2 = make()
+    opt2.load_state_dict(sd)
+    assert {i: set(s) for i, s in sd["state"].items()} == keys
+    assert [set(g) for g in sd["param_groups"]] == group_keys
+
+
+def test_group_added_after_last_step_may_lack_shadows():
+    model, opt = make()
+    extra = torch.nn.Parameter(torch.ones(3))
+    train(model, opt, 2, seed=1)
+    opt.add_param_group({"params": [extra]})
+    sd = roundtrip(opt.state_dict())
+    model2, opt2 = make()
+    extra2 = torch.nn.Parameter(torch.ones(3))
+    opt2.add_param_group({"params": [extra2]})
+    opt2.load_state_dict(sd)
+    extra2.grad = torch.ones(3)
+    train(model2, opt2, 1, seed=2)
+    assert "ema" in opt2.state[extra2]
