@@ -377,12 +377,13 @@ class EMAOptimizer(Optimizer):
         scratch of at most 1M elements; bf16 params with fp32 shadows are packed in place
         (the param gets the EMA rounded to bf16, half away from zero; the shadow's 32 bits
         keep the 16 training bits and the 16 bits the rounding dropped). Other dtype
-        pairs (e.g. fp16 params with fp32 shadows) keep a copy of those params only.
+        pairs (e.g. fp16 params with fp32 shadows) keep a copy of those params only ("copy" pairs).
 
         Inside the block, ``opt.step()`` and a nested swap raise ``RuntimeError``;
         ``opt.state_dict()`` returns what it returns outside; ``opt.state[p]["ema"]`` holds
-        swap bookkeeping, not the EMA. Changes to the params made inside the block are not
-        kept: on exit they go to the shadows' slots and are overwritten (exchange) or dropped.
+        swap bookkeeping, not the EMA. In-place edits of the params inside the block edit
+        the EMA (except for "copy" pairs, where they are dropped); the training weights
+        come back unchanged either way.
 
         Example:
             >>> import torch
