@@ -3,7 +3,5 @@
 import importlib.util
 
 collect_ignore = [
-    path
-    for path, dep in [("ema_optim/lightning.py", "lightning")]
-    if importlib.util.find_spec(dep) is None
+    path for path, dep in [("ema_optim/lightning.py", "lightning")] if importlib.util.find_spec(dep) is None
 ]

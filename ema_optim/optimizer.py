@@ -127,7 +127,9 @@ class EMAOptimizer(Optimizer):
         if not isinstance(bias_correction, bool):
             raise TypeError(f"bias_correction must be a bool, got {type(bias_correction).__name__}")
         if ema_dtype is not None and not (isinstance(ema_dtype, torch.dtype) and ema_dtype.is_floating_point):
-            raise TypeError(f"ema_dtype must be a floating torch.dtype such as torch.float32, got {ema_dtype!r}")
+            raise TypeError(
+                f"ema_dtype must be a floating torch.dtype such as torch.float32, got {ema_dtype!r}"
+            )
         if ema_device is not None:
             ema_device = torch.device(ema_device)
 
@@ -328,9 +330,7 @@ class EMAOptimizer(Optimizer):
     def _new_shadows(self) -> dict[Tensor, Tensor]:
         """Shadows for EMA params that have none yet, from their current (pre-step) weights."""
         with torch.no_grad():
-            return {
-                p: self._as_shadow(p, p) for p in self._ema_params() if EMA not in self.state.get(p, ())
-            }
+            return {p: self._as_shadow(p, p) for p in self._ema_params() if EMA not in self.state.get(p, ())}
 
     def _adopt(self, new_shadows: dict[Tensor, Tensor]) -> None:
         for p, shadow in new_shadows.items():
@@ -355,7 +355,9 @@ class EMAOptimizer(Optimizer):
         # With a closure the grads only appear inside the inner step, so hide them all.
         if not self._bare:
             return {}
-        return {p: self.state.pop(p) for p in self._bare if (everything or p.grad is not None) and p in self.state}
+        return {
+            p: self.state.pop(p) for p in self._bare if (everything or p.grad is not None) and p in self.state
+        }
 
     def _unhide_bare(self, hidden: dict[Tensor, dict]) -> None:
         if not hidden:
@@ -480,7 +482,9 @@ class EMAOptimizer(Optimizer):
             ValueError: the state dict does not fit this optimizer; nothing was changed.
         """
         if self._swapped is not None:
-            raise RuntimeError("load_state_dict() cannot run inside swap_ema_weights(); leave the block first")
+            raise RuntimeError(
+                "load_state_dict() cannot run inside swap_ema_weights(); leave the block first"
+            )
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         state_dict = dict(state_dict)
@@ -536,7 +540,8 @@ class EMAOptimizer(Optimizer):
             raise ValueError("state_dict['state'] must be a dict and state_dict['param_groups'] a list")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
-                f"the state dict has {len(saved_groups)} param groups, this optimizer has {len(self.param_groups)}"
+                f"the state dict has {len(saved_groups)} param groups, "
+                f"this optimizer has {len(self.param_groups)}"
             )
         for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             if not isinstance(saved, Mapping) or "params" not in saved:
@@ -552,7 +557,9 @@ class EMAOptimizer(Optimizer):
         id_map = dict(zip(ids, chain.from_iterable(g["params"] for g in self.param_groups)))
         unknown = [k for k in saved_state if k not in id_map]
         if unknown:
-            raise ValueError(f"the state dict has state for param ids {unknown[:5]} that no param group lists")
+            raise ValueError(
+                f"the state dict has state for param ids {unknown[:5]} that no param group lists"
+            )
 
         counters = self._check_counters(saved_groups)
         shadows: dict[Tensor, Tensor] = {}
@@ -565,7 +572,9 @@ class EMAOptimizer(Optimizer):
             for k in have:
                 p, value = id_map[k], saved_state[k][EMA]
                 if not isinstance(value, Tensor) or not (value.is_floating_point() or value.is_complex()):
-                    raise ValueError(f"state[{k!r}]['ema'] must be a floating tensor, got {type(value).__name__}")
+                    raise ValueError(
+                        f"state[{k!r}]['ema'] must be a floating tensor, got {type(value).__name__}"
+                    )
                 if value.shape != p.shape:
                     raise ValueError(
                         f"state[{k!r}]['ema'] has shape {tuple(value.shape)}, its param has {tuple(p.shape)}"
@@ -573,12 +582,11 @@ class EMAOptimizer(Optimizer):
                 shadows[p] = value
         for k, saved in saved_state.items():
             self._check_inner_state(k, id_map[k], saved)
-        if shadows and counters is None:
+        if counters is None and any(EMA in s for s in saved_state.values()):
             raise ValueError(
-                f"the state dict has 'ema' shadows but no EMA counters ({', '.join(COUNTERS)}) in its param groups"
+                f"the state dict has 'ema' shadows but no EMA counters ({', '.join(COUNTERS)}) "
+                "in its param groups"
             )
-        if counters is None and any(EMA in s for s in saved_state.values()):  # pragma: no cover
-            raise ValueError("the state dict has 'ema' entries for params without an EMA")
         return shadows, counters
 
     def _check_counters(self, saved_groups: list) -> Optional[tuple[int, int, float]]:
@@ -607,12 +615,15 @@ class EMAOptimizer(Optimizer):
         if current and given:
             missing = current.keys() - given.keys()
             if missing:
-                raise ValueError(f"state[{k!r}] lacks the keys {sorted(map(str, missing))} of this optimizer's state")
+                raise ValueError(
+                    f"state[{k!r}] lacks the keys {sorted(map(str, missing))} of this optimizer's state"
+                )
         for kk, v in given.items():
             cur = current.get(kk)
             if isinstance(cur, Tensor) and isinstance(v, Tensor) and cur.shape != v.shape:
                 raise ValueError(
-                    f"state[{k!r}][{kk!r}] has shape {tuple(v.shape)}, this optimizer's has {tuple(cur.shape)}"
+                    f"state[{k!r}][{kk!r}] has shape {tuple(v.shape)}, "
+                    f"this optimizer's has {tuple(cur.shape)}"
                 )
 
 

@@ -27,13 +27,18 @@ def _scaled_steps(make_inner, inf_at):
             params[0].grad[0, 0] = float("inf")
         if initial is None:
             initial = [p.detach().double().clone() for p in params]
-        before = ([p.detach().clone() for p in params], [opt.state[p]["ema"].clone() for p in params if "ema" in opt.state[p]])
+        before = (
+            [p.detach().clone() for p in params],
+            [opt.state[p]["ema"].clone() for p in params if "ema" in opt.state[p]],
+        )
         scaler.step(opt)
         scaler.update()
         opt.zero_grad()
         if step == inf_at:
             assert all(torch.equal(a, b) for a, b in zip(before[0], params)), "weights changed on an inf step"
-            assert all(torch.equal(a, opt.state[p]["ema"]) for a, p in zip(before[1], params)), "shadows changed"
+            assert all(torch.equal(a, opt.state[p]["ema"]) for a, p in zip(before[1], params)), (
+                "shadows changed"
+            )
         else:
             history.append([p.detach().double().clone() for p in params])
     return params, opt, initial, history
@@ -115,7 +120,11 @@ INNERS = [
 @pytest.mark.parametrize("inner", [f for f, _ in INNERS], ids=[i for _, i in INNERS])
 @pytest.mark.parametrize(
     "decay,kwargs",
-    [(0.99, {}), (schedules.warmup(), {}), (schedules.polyak(), dict(bias_correction=True, update_after_step=1))],
+    [
+        (0.99, {}),
+        (schedules.warmup(), {}),
+        (schedules.polyak(), dict(bias_correction=True, update_after_step=1)),
+    ],
     ids=["float", "warmup", "polyak_bias_corrected"],
 )
 def test_step_adds_no_host_read(inner, decay, kwargs):

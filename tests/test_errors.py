@@ -33,7 +33,9 @@ CONSTRUCTOR_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize("kwargs,exc,match", CONSTRUCTOR_ERRORS, ids=[str(k) for k, _, _ in CONSTRUCTOR_ERRORS])
+@pytest.mark.parametrize(
+    "kwargs,exc,match", CONSTRUCTOR_ERRORS, ids=[str(k) for k, _, _ in CONSTRUCTOR_ERRORS]
+)
 def test_constructor_errors(kwargs, exc, match):
     kwargs = dict(kwargs)
     optimizer = kwargs.pop("optimizer", None) if "optimizer" in kwargs else sgd()

@@ -44,7 +44,9 @@ def _train(model, opt, steps, seed):
 @example(decay=1.0, steps=3, update_after_step=0, update_every=1, bias_correction=True, seed=0)  # 0/0 limit
 def test_shadow_equals_reference(decay, steps, update_after_step, update_every, bias_correction, seed):
     model = _model(seed)
-    kwargs = dict(update_after_step=update_after_step, update_every=update_every, bias_correction=bias_correction)
+    kwargs = dict(
+        update_after_step=update_after_step, update_every=update_every, bias_correction=bias_correction
+    )
     opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5), decay=decay, **kwargs)
     initial = [p.detach().double().clone() for p in model.parameters()]
     history = _train(model, opt, steps, seed)
@@ -91,8 +93,10 @@ def test_swap_then_exit_is_the_identity(dtype, steps, action, seed):
     except ValueError:
         pass
     if action != "modify":
-        assert all(torch.equal(a.view(-1).view(torch.uint8), p.detach().reshape(-1).view(torch.uint8))
-                   for a, p in zip(params, model.parameters()))
+        assert all(
+            torch.equal(a.view(-1).view(torch.uint8), p.detach().reshape(-1).view(torch.uint8))
+            for a, p in zip(params, model.parameters())
+        )
         assert all(torch.equal(s, opt.state[p]["ema"]) for s, p in zip(shadows, model.parameters()))
     elif steps > 0:  # edits hit the EMA (there is none before the first step); training weights come back
         assert all(torch.equal(a, p.detach()) for a, p in zip(params, model.parameters()))
@@ -107,10 +111,16 @@ def test_swap_then_exit_is_the_identity(dtype, steps, action, seed):
     bias_correction=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
 )
-def test_save_load_mid_run_is_invisible(n1, n2, decay, update_after_step, update_every, bias_correction, dtype):
+def test_save_load_mid_run_is_invisible(
+    n1, n2, decay, update_after_step, update_every, bias_correction, dtype
+):
     decay = {"warmup": schedules.warmup(0.99), "polyak": schedules.polyak()}.get(decay, decay)
-    kwargs = dict(decay=decay, update_after_step=update_after_step, update_every=update_every,
-                  bias_correction=bias_correction)
+    kwargs = dict(
+        decay=decay,
+        update_after_step=update_after_step,
+        update_every=update_every,
+        bias_correction=bias_correction,
+    )
 
     def build(seed):
         model = _model(seed, dtype)
@@ -142,6 +152,8 @@ def test_schedules_match_their_formulas(t):
     assert math.isclose(schedules.half_life(50)(t) ** 50, 0.5, rel_tol=1e-12)
     assert math.isclose(schedules.linear(0.9, 0.99, 1000)(t), 0.9 + min(t / 1000, 1) * 0.09, rel_tol=1e-12)
     c = schedules.cosine(0.9, 0.99, 1000)(t)
-    assert math.isclose(c, 0.99 + (0.9 - 0.99) * (1 + math.cos(math.pi * min(t, 1000) / 1000)) / 2, rel_tol=1e-12)
+    assert math.isclose(
+        c, 0.99 + (0.9 - 0.99) * (1 + math.cos(math.pi * min(t, 1000) / 1000)) / 2, rel_tol=1e-12
+    )
     for d in (schedules.warmup()(t), schedules.linear(0.9, 0.99, 10)(t), schedules.cosine(0.99, 0.9, 10)(t)):
         assert 0.0 <= d <= 1.0

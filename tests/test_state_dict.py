@@ -43,7 +43,9 @@ def roundtrip(obj):
 
 
 def bitwise_equal(a, b):
-    return a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    return a.dtype == b.dtype and torch.equal(
+        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+    )
 
 
 def full_snapshot(model, opt):
@@ -101,7 +103,9 @@ def test_resume_is_exact(inner, dtype, kwargs, n):
     model_a, opt_a = make(dtype, inner, **kwargs)
     train(model_a, opt_a, n, seed=1)
     saved_model, saved_opt = roundtrip(model_a.state_dict()), roundtrip(opt_a.state_dict())
-    model_b, opt_b = make(dtype, inner, seed=123, **kwargs)  # different init: everything must come from the files
+    model_b, opt_b = make(
+        dtype, inner, seed=123, **kwargs
+    )  # different init: everything must come from the files
     model_b.load_state_dict(saved_model)
     opt_b.load_state_dict(saved_opt)
     train(model_b, opt_b, n, seed=2)

@@ -43,12 +43,12 @@ def test_swap_puts_ema_in_and_restores_bitwise(dtype):
     with opt.swap_ema_weights():
         for p, s in zip(model.parameters(), shadows):
             # the EMA rounded to the param dtype (bf16: to nearest, ties away from zero)
-            assert torch.allclose(p.detach().double(), s.double(), rtol=2 ** -8, atol=0)
+            assert torch.allclose(p.detach().double(), s.double(), rtol=2**-8, atol=0)
         inside = {k: v.clone() for k, v in model.state_dict().items()}
     assert_same(snapshot(model, opt)[0], before[0])
     assert_same(snapshot(model, opt)[1], before[1])
-    for (name, v), s in zip(inside.items(), shadows):
-        torch.testing.assert_close(v.double(), s.double(), rtol=2 ** -8, atol=0)
+    for v, s in zip(inside.values(), shadows):
+        torch.testing.assert_close(v.double(), s.double(), rtol=2**-8, atol=0)
 
 
 def test_same_dtype_swap_gives_the_exact_shadow():
@@ -91,7 +91,10 @@ def test_step_and_nested_swap_raise_and_change_nothing():
 def test_state_dict_inside_equals_outside(dtype):
     model, opt = trained(dtype)
     outside = opt.state_dict()
-    expected = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in outside["state"].items()}
+    expected = {
+        i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+        for i, s in outside["state"].items()
+    }
     with opt.swap_ema_weights():
         inside = opt.state_dict()
         params_inside = snapshot(model, opt)[0]

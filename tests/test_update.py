@@ -72,7 +72,7 @@ def run_and_check(make_inner, ema_kwargs, dtype, steps=8, closure=False):
     initial, history, shadows = None, [], []
     for x, y in data:
 
-        def loss_fn():
+        def loss_fn(x=x, y=y):
             opt.zero_grad()
             loss = torch.nn.functional.mse_loss(model(x).float(), y.float())
             loss.backward()
@@ -88,11 +88,13 @@ def run_and_check(make_inner, ema_kwargs, dtype, steps=8, closure=False):
         history.append([p.detach().double().clone() for p in params])
         shadows.append([opt.state[p]["ema"].double().clone() for p in params])
 
-    for i, p in enumerate(params):
+    for i in range(len(params)):
         ref = reference_shadows(initial[i], [h[i] for h in history], **ema_kwargs)
         for n in range(steps):
             atol, rtol = TOL[dtype]
-            torch.testing.assert_close(shadows[n][i], ref[n], atol=atol, rtol=rtol, msg=f"param {i} step {n + 1}")
+            torch.testing.assert_close(
+                shadows[n][i], ref[n], atol=atol, rtol=rtol, msg=f"param {i} step {n + 1}"
+            )
     # the shadows moved away from the weights (the check is not vacuous)
     assert any(not torch.equal(opt.state[p]["ema"].double(), p.double()) for p in params)
     return model, opt
