@@ -307,7 +307,7 @@ class EMAOptimizer(Optimizer):
         for group in self.param_groups:
             if group.get(EMA, True):
                 for p in group["params"]:
-                    if p.is_floating_point() or p.is_complex():
+                    if _is_float(p):
                         yield p
 
     def _shadow_dtype(self, p: Tensor) -> torch.dtype:
@@ -510,6 +510,9 @@ class EMAOptimizer(Optimizer):
             raise
         self.state = self.optimizer.state
         self.param_groups = self.optimizer.param_groups
+        for group, before in zip(self.param_groups, old[1]):  # a dict saved without "ema": keep ours
+            if EMA not in group and EMA in before:
+                group[EMA] = before[EMA]
 
         shadows, counters = plan
         if counters is None:
@@ -563,15 +566,16 @@ class EMAOptimizer(Optimizer):
 
         counters = self._check_counters(saved_groups)
         shadows: dict[Tensor, Tensor] = {}
-        for i, saved in enumerate(saved_groups):
-            averaged = [k for k in saved["params"] if _averages(id_map[k], saved)]
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            enabled = saved.get(EMA, group.get(EMA, True))
+            averaged = [k for k in saved["params"] if enabled and _is_float(id_map[k])]
             have = [k for k in averaged if EMA in saved_state.get(k, {})]
             if have and len(have) != len(averaged):
                 missing = [k for k in averaged if k not in have]
                 raise ValueError(f"param group {i}: params {missing[:5]} have no 'ema' shadow but others do")
             for k in have:
                 p, value = id_map[k], saved_state[k][EMA]
-                if not isinstance(value, Tensor) or not (value.is_floating_point() or value.is_complex()):
+                if not isinstance(value, Tensor) or not _is_float(value):
                     raise ValueError(
                         f"state[{k!r}]['ema'] must be a floating tensor, got {type(value).__name__}"
                     )
@@ -627,8 +631,8 @@ class EMAOptimizer(Optimizer):
                 )
 
 
-def _averages(p: Tensor, saved_group: Mapping) -> bool:
-    return bool(saved_group.get(EMA, True)) and (p.is_floating_point() or p.is_complex())
+def _is_float(p: Tensor) -> bool:
+    return p.is_floating_point() or p.is_complex()
 
 
 def _check_decay_arg(decay: Any) -> None:

@@ -261,3 +261,17 @@ def test_group_added_after_last_step_may_lack_shadows():
     extra2.grad = torch.ones(3)
     train(model2, opt2, 1, seed=2)
     assert "ema" in opt2.state[extra2]
+
+
+def test_plain_inner_dict_keeps_ema_false_groups_out():
+    a = torch.nn.Parameter(torch.zeros(2))
+    b = torch.nn.Parameter(torch.zeros(2))
+    inner = torch.optim.SGD([{"params": [a]}, {"params": [b], "ema": False}], lr=1.0)
+    opt = EMAOptimizer(inner, decay=0.5)
+    plain = torch.optim.SGD([{"params": [a.detach().clone()]}, {"params": [b.detach().clone()]}], lr=1.0)
+    with pytest.warns(UserWarning, match="restarts"):
+        opt.load_state_dict(plain.state_dict())
+    assert opt.param_groups[1]["ema"] is False
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    opt.step()
+    assert "ema" in opt.state[a] and "ema" not in opt.state[b]
