@@ -141,3 +141,28 @@ def test_spy_catches_a_host_read():
     with spy:
         torch._foreach_lerp_(a, b, torch.tensor(0.5))
     assert spy.hits["_local_scalar_dense"] == 1
+
+
+@pytest.mark.parametrize("decay", [0.99, schedules.warmup()], ids=["float", "warmup"])
+def test_step_on_fake_cuda_tensors_reads_nothing_on_the_host(decay):
+    # A CPU-only build can still run the step on fake "cuda" tensors: every kernel the
+    # wrapper launches there (fp32 and bf16-with-fp32-shadow groups) must be sync-free.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        params = [
+            torch.nn.Parameter(torch.empty(4, 4, device="cuda")),
+            torch.nn.Parameter(torch.empty(8, device="cuda", dtype=torch.bfloat16)),
+        ]
+        for p in params:
+            p.grad = torch.empty_like(p)
+        opt = EMAOptimizer(
+            torch.optim.AdamW(params, lr=0.1, capturable=True, foreach=True), decay=decay, update_after_step=1
+        )
+        spy = HostReadSpy()
+        with spy:
+            for _ in range(3):
+                opt.step()
+        assert not spy.hits
+        assert opt.state[params[1]]["ema"].dtype == torch.float32
+        assert opt.state[params[1]]["ema"].device.type == "cuda"
