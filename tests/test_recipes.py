@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 from ema_optim import EMAOptimizer
 
@@ -88,9 +89,12 @@ def test_recipe_torch_compile():
     expected = torch.func.functional_call(model, shadows, (x,))
     trained = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
+        compiled(x)  # compile the no-grad graph first
+        graphs = counters["stats"]["unique_graphs"]
         with opt.swap_ema_weights():
             got = compiled(x)
         after = compiled(x)
+    assert counters["stats"]["unique_graphs"] == graphs, "the swap must not recompile"
     torch.testing.assert_close(got, expected)
     assert all(torch.equal(a, b) for a, b in zip(trained, model.parameters()))
     torch.testing.assert_close(after, model(x).detach())
