@@ -151,6 +151,7 @@ class EMAOptimizer(Optimizer):
         self._steps = 0  # optimizer steps seen (n)
         self._updates = 0  # EMA updates folded in (t)
         self._decay_prod = 1.0  # product of the decays used, for bias correction
+        self._next_counters = (0, 0, 1.0)  # what _commit() stores once the step has succeeded
         self._weight = 0.0  # this step's lerp weight, computed on the host
         self._weight_tensor: Optional[Tensor] = None  # the same as a 0-dim tensor, for torch.compile
         self._groups: Optional[list[_kernels.Group]] = None  # cached (device, dtype) groups
@@ -174,6 +175,9 @@ class EMAOptimizer(Optimizer):
 
         A group with ``"ema": False`` gets no shadows (e.g. for params that should stay as trained).
         """
+        real = _unproxied(self)
+        if real is not self:
+            return real.add_param_group(param_group)
         if "optimizer" not in self.__dict__:  # the base __init__'s placeholder group
             super().add_param_group(param_group)
             return
@@ -214,7 +218,7 @@ class EMAOptimizer(Optimizer):
                 "step() was called inside swap_ema_weights(): the params hold the EMA weights; "
                 "leave the with-block before training"
             )
-        action, counters = self._plan()
+        action = self._plan()
         new_shadows = self._new_shadows() if self._needs_init else {}
         hidden = self._hide_bare(everything=closure is not None)
         found_inf = getattr(self, "found_inf", None)
@@ -232,11 +236,11 @@ class EMAOptimizer(Optimizer):
             self._adopt(new_shadows)
         with torch.no_grad():
             self._update(action, found_inf if forwarded else None)
-        self._steps, self._updates, self._decay_prod = counters
+        self._commit()
         return loss
 
     @torch.compiler.disable
-    def _plan(self) -> tuple[str, tuple[int, int, float]]:
+    def _plan(self) -> str:
         """Decide this step's action on the host and compute its weight; changes nothing.
 
         Kept out of torch.compile so that neither the counters nor the weight become
@@ -259,9 +263,12 @@ class EMAOptimizer(Optimizer):
             action = "lerp"
         else:
             action = "skip"
-        if self._weight_tensor is not None:
-            self._weight_tensor.fill_(self._weight)
-        return action, (n, updates, prod)
+        self._next_counters = (n, updates, prod)
+        return action
+
+    @torch.compiler.disable
+    def _commit(self) -> None:
+        self._steps, self._updates, self._decay_prod = self._next_counters
 
     def _decay_at(self, t: int) -> float:
         if not callable(self.decay):
@@ -286,20 +293,25 @@ class EMAOptimizer(Optimizer):
         if found_inf is not None:
             # A skipped (inf/NaN) step is only known on the device: weight it to zero there.
             keep = 1.0 - found_inf.to(groups[0].shadows[0].device, torch.float32).reshape(())
-            weight = keep if action == "copy" else keep * self._weight
+            weight = keep if action == "copy" else keep * self._weight_as_tensor(keep.device)
             _kernels.lerp_(groups, weight)
         elif action == "copy":
             _kernels.copy_(groups)
         elif torch.compiler.is_compiling():
-            _kernels.lerp_(groups, self._compiled_weight(groups))
-        else:
+            _kernels.lerp_(groups, self._weight_as_tensor(groups[0].shadows[0].device))
+        else:  # eager: a Python float is a kernel argument, the fastest form and sync-free
             _kernels.lerp_(groups, self._weight)
 
-    def _compiled_weight(self, groups: list[_kernels.Group]) -> Tensor:
-        # A 0-dim tensor updated in place by _plan(): a changing decay is data, not a guard.
-        if self._weight_tensor is None:
-            self._weight_tensor = torch.tensor(self._weight, device=groups[0].shadows[0].device)
-        return self._weight_tensor
+    @torch.compiler.disable
+    def _weight_as_tensor(self, device: torch.device) -> Tensor:
+        """This step's weight in a cached 0-dim tensor, filled in place outside any compiled graph.
+
+        A compiled step takes it as an input, so a changing decay is data, not a guard: one
+        graph for every decay, no recompiles.
+        """
+        if self._weight_tensor is None or self._weight_tensor.device != device:
+            self._weight_tensor = torch.zeros((), device=device)
+        return self._weight_tensor.fill_(self._weight)
 
     # ------------------------------------------------------------------ shadows
 
@@ -321,7 +333,12 @@ class EMAOptimizer(Optimizer):
         """A contiguous shadow for ``p`` with ``value``'s contents, in the shadow dtype and device."""
         device = self.ema_device or p.device
         dtype = self._shadow_dtype(p)
-        if device.type == "cpu" and _kernels.local(p).device.type != "cpu" and torch.cuda.is_available():
+        if _kernels.local(p) is not p and device.type != p.device.type:
+            raise ValueError(
+                f"ema_device={str(device)!r} is not supported for DTensor (FSDP2, tensor parallel) params "
+                f"on {p.device.type}: their shadows are already sharded; leave ema_device=None"
+            )
+        if device.type == "cpu" and p.device.type != "cpu" and torch.cuda.is_available():
             shadow = torch.empty(p.shape, dtype=dtype, pin_memory=True)
             shadow.copy_(value.detach())
             return shadow
@@ -399,6 +416,11 @@ class EMAOptimizer(Optimizer):
             >>> all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
             True
         """
+        real = _unproxied(self)
+        if real is not self:
+            with real.swap_ema_weights():
+                yield
+            return
         if self._swapped is not None:
             raise RuntimeError("swap_ema_weights() is already active; it cannot be nested")
         try:
@@ -481,6 +503,9 @@ class EMAOptimizer(Optimizer):
             RuntimeError: inside ``swap_ema_weights()``.
             ValueError: the state dict does not fit this optimizer; nothing was changed.
         """
+        real = _unproxied(self)
+        if real is not self:
+            return real.load_state_dict(state_dict)
         if self._swapped is not None:
             raise RuntimeError(
                 "load_state_dict() cannot run inside swap_ema_weights(); leave the block first"
@@ -629,6 +654,17 @@ class EMAOptimizer(Optimizer):
                     f"state[{k!r}][{kk!r}] has shape {tuple(v.shape)}, "
                     f"this optimizer's has {tuple(cur.shape)}"
                 )
+
+
+def _unproxied(opt: EMAOptimizer) -> EMAOptimizer:
+    """The EMAOptimizer behind a proxy subclass such as Lightning's ``LightningOptimizer``.
+
+    Such a proxy (what ``self.optimizers()`` returns in a LightningModule) forwards attribute
+    reads to the optimizer it wraps (``_optimizer``) but keeps writes to itself, so every
+    method that changes the wrapper's own attributes runs on the real optimizer instead.
+    """
+    wrapped = opt.__dict__.get("_optimizer")
+    return wrapped if isinstance(wrapped, EMAOptimizer) and wrapped is not opt else opt
 
 
 def _is_float(p: Tensor) -> bool:

@@ -170,3 +170,33 @@ def test_pack_rounds_to_nearest_bf16():
     assert torch.equal(p.double()[ties], hi[ties])  # ties away from zero
     # differs from round-to-nearest-even only on exact ties
     assert torch.equal(p[~ties], shadow.to(torch.bfloat16)[~ties])
+
+
+class ReadForwardingProxy:
+    """Like Lightning's LightningOptimizer: a subclass of the optimizer's class that forwards
+    attribute reads to the optimizer it wraps and keeps writes to itself."""
+
+    def __init__(self, optimizer):
+        self._optimizer = optimizer
+        self.__class__ = type("Proxy" + type(optimizer).__name__, (type(self), type(optimizer)), {})
+
+    def __getattr__(self, item):
+        return getattr(self._optimizer, item)
+
+
+def test_swap_load_and_add_group_through_a_proxy_reach_the_real_optimizer():
+    model, opt = trained(torch.float32)
+    proxy = ReadForwardingProxy(opt)
+    sd = opt.state_dict()
+    shadow = sd["state"][0]["ema"].clone()
+    with proxy.swap_ema_weights():
+        with pytest.raises(RuntimeError, match="inside swap_ema_weights"):
+            opt.step()
+        assert torch.equal(proxy.state_dict()["state"][0]["ema"], shadow)
+    proxy.load_state_dict(sd)
+    assert opt._steps == sd["param_groups"][0]["ema_steps"] and "_steps" not in vars(proxy)
+    extra = torch.nn.Parameter(torch.ones(2))
+    proxy.add_param_group({"params": [extra]})
+    extra.grad = torch.ones(2)
+    opt.step()
+    assert "ema" in opt.state[extra]
