@@ -47,12 +47,12 @@ def _check_positive(name: str, value: object) -> float:
     return value
 
 
-def _check_steps(steps: object) -> int:
+def _check_ramp(start: object, end: object, steps: object) -> tuple[float, float, int]:
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise TypeError(f"steps must be an int, got {type(steps).__name__}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    return steps
+    return _check_decay("start", start), _check_decay("end", end), steps
 
 
 def warmup(
@@ -142,9 +142,7 @@ def linear(start: float, end: float, steps: int) -> Schedule:
         >>> d(0), round(d(5), 6), d(100)
         (0.9, 0.945, 0.99)
     """
-    start = _check_decay("start", start)
-    end = _check_decay("end", end)
-    steps = _check_steps(steps)
+    start, end, steps = _check_ramp(start, end, steps)
 
     def decay(t: int) -> float:
         return start + min(t / steps, 1.0) * (end - start)
@@ -162,9 +160,7 @@ def cosine(start: float, end: float, steps: int) -> Schedule:
         >>> d(0), round(d(5), 6), d(100)
         (0.9, 0.945, 0.99)
     """
-    start = _check_decay("start", start)
-    end = _check_decay("end", end)
-    steps = _check_steps(steps)
+    start, end, steps = _check_ramp(start, end, steps)
 
     def decay(t: int) -> float:
         return end + (start - end) * (1.0 + math.cos(math.pi * min(t, steps) / steps)) / 2.0
