@@ -13,15 +13,15 @@ from ema_optim import EMAOptimizer, schedules
 from .reference import reference_shadows
 
 
-def _scaled_steps(make_inner, inf_at):
+def _scaled_steps(make_inner, inf_at, dtype=torch.float32):
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 3)
+    model = torch.nn.Linear(4, 3).to(dtype)
     opt = EMAOptimizer(make_inner(model.parameters()), decay=0.8)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     params = list(model.parameters())
     initial, history = None, []
     for step in range(5):
-        loss = model(torch.randn(8, 4)).pow(2).sum()
+        loss = model(torch.randn(8, 4).to(dtype)).float().pow(2).sum()
         scaler.scale(loss).backward()
         if step == inf_at:
             params[0].grad[0, 0] = float("inf")
@@ -62,6 +62,16 @@ def test_grad_scaler_inf_step_changes_neither_weights_nor_shadows(make_inner):
         for i, p in enumerate(params):
             ref = reference_shadows(initial[i], [h[i] for h in history], 0.8)[-1]
             torch.testing.assert_close(opt.state[p]["ema"].double(), ref, atol=2e-6, rtol=2e-6)
+
+
+def test_grad_scaler_with_fused_inner_and_bf16_params():
+    # the device-side skip on the mixed-dtype (cast scratch) path
+    make = lambda ps: torch.optim.AdamW(ps, lr=0.01, fused=True)  # noqa: E731
+    params, opt, initial, history = _scaled_steps(make, inf_at=1, dtype=torch.bfloat16)
+    for i, p in enumerate(params):
+        assert opt.state[p]["ema"].dtype == torch.float32
+        ref = reference_shadows(initial[i], [h[i] for h in history], 0.8)[-1]
+        torch.testing.assert_close(opt.state[p]["ema"].double(), ref, atol=2e-6, rtol=2e-6)
 
 
 def test_wrapper_mirrors_inner_amp_flag():

@@ -274,3 +274,28 @@ def test_step_returns_closure_loss():
 
     loss = opt.step(closure)
     assert isinstance(loss, torch.Tensor) and loss.ndim == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("decay", [0.9, schedules.warmup(0.99)], ids=["const", "warmup"])
+def test_low_precision_params_of_every_size_go_through_the_cast_scratch_exactly(dtype, decay):
+    # Sizes around the scratch (1/8 of the group here): packed batches, a param that fills a
+    # batch alone, params larger than the scratch (split in pieces), a large non-contiguous one.
+    torch.manual_seed(0)
+    shapes = [(10,), (7000,), (6000,), (70, 300), (1,), (40000,)]
+    params = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
+    params.append(torch.nn.Parameter(torch.randn(300, 90).to(dtype).t()))  # non-contiguous, large
+    opt = EMAOptimizer(torch.optim.SGD(params, lr=0.05), decay=decay)
+    initial, history = [p.detach().double().clone() for p in params], []
+    for _ in range(6):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        history.append([p.detach().double().clone() for p in params])
+    groups = opt._ema_groups()
+    plan = groups[0].casts
+    assert plan is not None and len(plan.large) == 3 and len(plan.batches) >= 2  # all paths are used
+    for i, p in enumerate(params):
+        ref = reference_shadows(initial[i], [h[i] for h in history], decay)[-1]
+        assert opt.state[p]["ema"].dtype == torch.float32
+        torch.testing.assert_close(opt.state[p]["ema"].double(), ref, atol=2e-6, rtol=2e-6)
