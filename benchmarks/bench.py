@@ -48,7 +48,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -412,29 +412,9 @@ def m_loop(case: Case) -> Method:
     return Method(update, shadows, note="lerp_(p.to(fp32)) per tensor" if case.mixed else "")
 
 
-def m_proposed(case: Case) -> Method:
-    """The proposed mixed-dtype path (``cast_lerp_`` below) on the optimizer's own shadows."""
-    if not case.mixed:
-        raise Skip("only for bf16 params with fp32 shadows")
-    from ema_optim import EMAOptimizer
-
-    opt = EMAOptimizer(torch.optim.SGD(case.params, lr=0.0), decay=DECAY)
-    grads = [p.grad for p in case.params]
-    for p in case.params:
-        p.grad = None
-    opt.step()
-    for p, g in zip(case.params, grads):
-        p.grad = g
-    shadows = [opt.state[p]["ema"] for p in case.params]
-    plan = plan_cast_lerp(shadows, [p.detach() for p in case.params])
-    update = torch.no_grad()(lambda: cast_lerp_(plan, WEIGHT))
-    return Method(update, shadows + [plan.scratch], note="proposal, not in ema_optim yet")
-
-
 OURS = {
     "ema_optim.lerp_": m_ema_optim_kernel,
     "ema_optim.step": m_ema_optim_step,
-    "proposed cast_lerp_": m_proposed,
 }
 PEERS = {
     "swa_utils": m_swa,
@@ -562,68 +542,9 @@ def bench_train(case: Case, device: torch.device, rounds: int) -> dict:
 # ------------------------------------------------------------------------------ candidates
 
 
-# The fast path proposed for ema_optim/_kernels.py (mixed groups: bf16/fp16 params, fp32
-# shadows). Measured here as candidate (c); see RESULTS.md. Params are cast into a small
-# fp32 scratch (CAST_CHUNK elements, 4 MB: bounded, not model-sized), then one foreach
-# lerp_ folds them in: lerp's single rounding, and no mixed-dtype kernels (slow on CPU).
-
-
-CAST_CHUNK = 1 << 20
-
-
-class CastPlan(NamedTuple):
-    """Small params packed into scratch-sized batches; large params chunked at call time."""
-
-    batches: list[tuple[list[Tensor], list[Tensor], list[Tensor]]]  # (shadows, params, scratch views)
-    large: list[tuple[Tensor, Tensor]]  # (shadow, param) pairs bigger than the scratch
-    scratch: Tensor
-
-
-def plan_cast_lerp(shadows: list[Tensor], params: list[Tensor], cap: int = CAST_CHUNK) -> CastPlan:
-    """Done once per group (with the grouping). Keeps the param tensors themselves, not views
-    of them, so that a later ``p.data = ...`` is still seen."""
-    size = min(cap, sum(p.numel() for p in params))  # enough for every batch and every piece
-    scratch = torch.empty(size, dtype=shadows[0].dtype, device=shadows[0].device)
-    batches: list = []
-    large: list = []
-    ss: list[Tensor] = []
-    ps: list[Tensor] = []
-    used = 0
-    for s, p in zip(shadows, params):
-        if p.numel() > cap:
-            large.append((s, p))
-            continue
-        if used + p.numel() > cap:
-            batches.append((ss, ps, [scratch[a : a + q.numel()].view(q.shape) for a, q in _offsets(ps)]))
-            ss, ps, used = [], [], 0
-        ss.append(s)
-        ps.append(p)
-        used += p.numel()
-    if ps:
-        batches.append((ss, ps, [scratch[a : a + q.numel()].view(q.shape) for a, q in _offsets(ps)]))
-    return CastPlan(batches, large, scratch)
-
-
-def _offsets(ps: list[Tensor]):
-    a = 0
-    for q in ps:
-        yield a, q
-        a += q.numel()
-
-
-def cast_lerp_(plan: CastPlan, weight: float) -> None:
-    """``ema <- ema + weight * (float(w) - ema)`` through the bounded scratch."""
-    for ss, ps, bufs in plan.batches:
-        torch._foreach_copy_(bufs, ps)  # the cast, into the scratch
-        torch._foreach_lerp_(ss, bufs, weight)
-    for s, p in plan.large:
-        if p.is_contiguous():
-            for s_piece, p_piece in zip(s.view(-1).split(CAST_CHUNK), p.view(-1).split(CAST_CHUNK)):
-                buf = plan.scratch[: p_piece.numel()]
-                buf.copy_(p_piece)
-                s_piece.lerp_(buf, weight)
-        else:  # rare (a large non-contiguous param): the mixed-dtype form, no scratch
-            s.mul_(1.0 - weight).add_(p, alpha=weight)
+# Candidate (c) is what ema_optim does for mixed groups since these measurements
+# (ema_optim._kernels.plan_casts / _cast_lerp_): params cast into a small fp32 scratch,
+# then one foreach lerp_. It is timed here through ema_optim's own kernels.
 
 
 def _bf16_candidates(device: torch.device, shapes: dict[str, list[int]]) -> list[dict]:
@@ -676,13 +597,15 @@ def _bf16_candidates_one(device: torch.device, label: str, numels: list[int]) ->
 
         return run
 
-    plans: dict[int, CastPlan] = {}
+    groups: dict[int, list] = {}
 
-    def proposed(s):
+    def ema_optim_path(s):
+        from ema_optim import _kernels
+
         key = s[0].data_ptr()
-        if key not in plans:
-            plans[key] = plan_cast_lerp(s, params)
-        cast_lerp_(plans[key], WEIGHT)
+        if key not in groups:
+            groups[key] = _kernels.group_pairs(s, params)
+        _kernels.lerp_(groups[key], WEIGHT)
 
     def cast_lerp(s_list, p_list, w):
         torch._foreach_lerp_(s_list, [p.float() for p in p_list], [w] * len(s_list))
@@ -690,10 +613,10 @@ def _bf16_candidates_one(device: torch.device, label: str, numels: list[int]) ->
     compiled = torch.compile(cast_lerp, backend="inductor", dynamic=False)
 
     candidates = {
-        "(a) foreach mul_ + add_(alpha) [current]": mul_add,
+        "(a) foreach mul_ + add_(alpha) [ema_optim before]": mul_add,
         "(b) per-tensor lerp_(p.float())": per_tensor_cast,
-        "(c) chunked cast, 4 MB scratch [proposed]": proposed,
-        "(c') same, param pieces planned once": chunked(CAST_CHUNK),
+        "(c) cast into a bounded scratch + foreach lerp_ [ema_optim now]": ema_optim_path,
+        "(c') 4 MB scratch, every param split into pieces": chunked(1 << 20),
         "(d) torch.compile(inductor) cast+lerp": lambda s: compiled(s, params, w_t),
     }
     row: dict[str, Any] = {"shape": label, "paths": {}}
