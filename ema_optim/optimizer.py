@@ -65,7 +65,9 @@ class EMAOptimizer(Optimizer):
         bias_correction: debias the average as if it had started from zero.
         ema_dtype: shadow dtype. ``None``: float32 for bfloat16/float16 params, else the
             param dtype (so bf16 models average in fp32 without losing small updates).
-        ema_device: where shadows live. ``None``: with each param; ``"cpu"``: offloaded.
+        ema_device: where shadows live. ``None``: with each param; ``"cpu"``: offloaded to
+            host memory (pinned when CUDA is available); the update then brings the params
+            over in pieces of at most 1M elements, synchronously.
 
     Cost: one shadow per parameter in the shadow dtype (4 bytes/param for fp32 or bf16
     params with default settings) and, per update, one read of every weight and one
