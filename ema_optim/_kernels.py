@@ -6,6 +6,7 @@ Kernels see flat tensor lists and plain scalars only, never optimizer state or
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -180,7 +181,7 @@ def swap_method(shadow: Tensor, param: Tensor) -> str:
         return "stash"
     if shadow.dtype == param.dtype:
         return "exchange"
-    if param.dtype == torch.bfloat16 and shadow.dtype == torch.float32:
+    if param.dtype == torch.bfloat16 and shadow.dtype == torch.float32 and sys.byteorder == "little":
         return "pack"
     return "stash"
 
@@ -197,12 +198,11 @@ def pack_(shadow: Tensor, param: Tensor) -> None:
     """Put the fp32 EMA into a bf16 param; keep the training bits inside the shadow."""
     for s, p in zip(_pieces(local(shadow)), _pieces(local(param))):
         work = s.to(p.device)  # a no-op view unless the shadow is offloaded
-        si, pi = work.view(torch.int32), p.view(torch.int16)
-        low = si & 0xFFFF
-        ema16 = _wrap16((si >> 16) + (low >= 0x8000).to(torch.int32))  # round half away from 0
-        train16 = pi.to(torch.int32)
-        si.copy_(train16 * 65536 + low)
-        pi.copy_(ema16)
+        low, high = _halves(work)
+        carry = low < 0  # the dropped low half is >= 0x8000: round up (half away from zero)
+        train = p.view(torch.int16).clone()  # (a piece-sized scratch)
+        p.view(torch.int16).copy_(high + carry)  # int16 arithmetic wraps like the bit pattern
+        high.copy_(train)
         if work is not s:
             s.copy_(work)
 
@@ -211,16 +211,15 @@ def unpack_(shadow: Tensor, param: Tensor) -> None:
     """Inverse of :func:`pack_`: training bits back into the param, the exact EMA into the shadow."""
     for s, p in zip(_pieces(local(shadow)), _pieces(local(param))):
         work = s.to(p.device)
-        si, pi = work.view(torch.int32), p.view(torch.int16)
-        low = si & 0xFFFF
-        high = _wrap16(pi.to(torch.int32) - (low >= 0x8000).to(torch.int32))
-        train16 = (si >> 16).to(torch.int16)
-        si.copy_(high.to(torch.int32) * 65536 + low)
-        pi.copy_(train16)
+        low, high = _halves(work)
+        train = high.clone()
+        high.copy_(p.view(torch.int16) - (low < 0).to(torch.int16))
+        p.view(torch.int16).copy_(train)
         if work is not s:
             s.copy_(work)
 
 
-def _wrap16(x: Tensor) -> Tensor:
-    """int32 values -> the int16 with the same low 16 bits (two's complement wrap)."""
-    return (((x + 32768) & 0xFFFF) - 32768).to(torch.int16)
+def _halves(fp32: Tensor) -> tuple[Tensor, Tensor]:
+    """Views of the low and high 16 bits of each element of a flat fp32 tensor (little-endian)."""
+    pairs = fp32.view(torch.int16).view(-1, 2)
+    return pairs[:, 0], pairs[:, 1]
