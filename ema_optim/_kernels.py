@@ -125,8 +125,11 @@ def lerp_(groups: Sequence[Group], weight: Weight) -> None:
 
 
 def _foreach_lerp_(shadows: list[Tensor], ends: list[Tensor], weight: Weight) -> None:
-    # A 0-dim tensor weight goes in as a list (the Scalar overload would read it on the host).
-    torch._foreach_lerp_(shadows, ends, [weight] * len(shadows) if isinstance(weight, Tensor) else weight)
+    # A 0-dim tensor weight goes in as a list (the Scalar overload would read it on the host),
+    # in the shadows' dtype and on their device (a no-op when it is there already).
+    if isinstance(weight, Tensor):
+        weight = [weight.to(shadows[0].device, shadows[0].dtype, non_blocking=True)] * len(shadows)
+    torch._foreach_lerp_(shadows, ends, weight)
 
 
 def _cast_lerp_(plan: CastPlan, weight: Weight) -> None:
@@ -134,6 +137,8 @@ def _cast_lerp_(plan: CastPlan, weight: Weight) -> None:
     # scratch first (a batch at a time) and then folded in with lerp's single rounding. This
     # measured 1.1-2.4x faster on CPU than mixed-dtype mul_/add_ (benchmarks/RESULTS.md) and
     # allocates nothing per step; the scratch is at most 4 MB.
+    if isinstance(weight, Tensor):
+        weight = weight.to(plan.scratch.device, plan.scratch.dtype, non_blocking=True)
     for shadows, params, bufs in plan.batches:
         torch._foreach_copy_(bufs, params)
         _foreach_lerp_(shadows, bufs, weight)
@@ -153,7 +158,7 @@ def _lerp_offloaded_(g: Group, weight: Weight) -> None:
     # Shadows on another device than their params (ema_device="cpu"): bring each param
     # over in pieces so that the temporary stays small, then lerp there.
     if isinstance(weight, Tensor):
-        weight = weight.to(g.shadows[0].device)
+        weight = weight.to(g.shadows[0].device, g.shadows[0].dtype)
     for s, p in zip(g.shadows, g.params):
         for s_part, p_part in zip(_pieces(s), _pieces(p)):
             moved = p_part.to(device=s_part.device, dtype=s_part.dtype)

@@ -196,12 +196,16 @@ class EMAOptimizer(Optimizer):
         )
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_groups"] = None
-        return state
+        # Like Optimizer.__getstate__, leave out what is tied to this instance: an LR
+        # scheduler's patched `step` (it refers to this object), hooks and caches.
+        skip = {"step", "_opt_called", "_groups", "_weight_tensor"}
+        return {k: v for k, v in self.__dict__.items() if k not in skip and "_hooks" not in k}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
+        swapped = state.pop("_swapped", None)
+        super().__setstate__({**state, "_swapped": swapped, "_groups": None, "_weight_tensor": None})
+        if swapped:  # a copy taken inside swap_ema_weights(): give it its training weights back
+            self._swap_out()
 
     # ------------------------------------------------------------------ step
 
@@ -234,7 +238,7 @@ class EMAOptimizer(Optimizer):
             if forwarded:
                 del self.optimizer.grad_scale, self.optimizer.found_inf
             self._unhide_bare(hidden)
-        if new_shadows:
+        if self._needs_init:
             self._adopt(new_shadows)
         with torch.no_grad():
             self._update(action, found_inf if forwarded else None)
@@ -294,7 +298,7 @@ class EMAOptimizer(Optimizer):
             return
         if found_inf is not None:
             # A skipped (inf/NaN) step is only known on the device: weight it to zero there.
-            keep = 1.0 - found_inf.to(groups[0].shadows[0].device, torch.float32).reshape(())
+            keep = 1.0 - found_inf.to(groups[0].shadows[0].device, torch.float64).reshape(())
             weight = keep if action == "copy" else keep * self._weight_as_tensor(keep.device)
             _kernels.lerp_(groups, weight)
         elif action == "copy":
@@ -312,16 +316,18 @@ class EMAOptimizer(Optimizer):
         graph for every decay, no recompiles.
         """
         if self._weight_tensor is None or self._weight_tensor.device != device:
-            self._weight_tensor = torch.zeros((), device=device)
+            self._weight_tensor = torch.zeros((), dtype=torch.float64, device=device)
         return self._weight_tensor.fill_(self._weight)
 
     # ------------------------------------------------------------------ shadows
 
     def _ema_params(self) -> Iterator[Tensor]:
+        seen: set[int] = set()  # torch allows (with a warning) a param listed twice
         for group in self.param_groups:
             if group.get(EMA, True):
                 for p in group["params"]:
-                    if _is_float(p):
+                    if _is_float(p) and id(p) not in seen:
+                        seen.add(id(p))
                         yield p
 
     def _shadow_dtype(self, p: Tensor) -> torch.dtype:
@@ -488,9 +494,19 @@ class EMAOptimizer(Optimizer):
         return sd
 
     def _state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        for group in sd["param_groups"]:
-            group.update({STEPS: self._steps, UPDATES: self._updates, DECAY_PROD: self._decay_prod})
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        sd = self.optimizer.state_dict()  # the inner's own layout and hooks; "ema" is in the shared state
+        counters = {STEPS: self._steps, UPDATES: self._updates, DECAY_PROD: self._decay_prod}
+        for saved, group in zip(sd["param_groups"], self.param_groups):
+            # The counters mark the groups whose params have shadows (every group before the
+            # first step): a group added since the last step has no shadows yet, and no counters.
+            if self._steps == 0 or any(EMA in self.state.get(p, ()) for p in group["params"]):
+                saved.update(counters)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -532,9 +548,9 @@ class EMAOptimizer(Optimizer):
         old = (self.optimizer.state, self.optimizer.param_groups)
         try:
             self.optimizer.load_state_dict(inner_sd)
-        except Exception:
+        except Exception as e:  # put the inner optimizer back as it was
             self.optimizer.state, self.optimizer.param_groups = old
-            raise
+            raise ValueError(f"the inner optimizer could not load the state dict: {e!r}") from e
         self.state = self.optimizer.state
         self.param_groups = self.optimizer.param_groups
         for group, before in zip(self.param_groups, old[1]):  # a dict saved without "ema": keep ours
@@ -574,71 +590,56 @@ class EMAOptimizer(Optimizer):
                 f"this optimizer has {len(self.param_groups)}"
             )
         for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
-            if not isinstance(saved, Mapping) or "params" not in saved:
-                raise ValueError(f"param group {i} of the state dict has no 'params' key")
+            if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), (list, tuple)):
+                raise ValueError(f"param group {i} of the state dict has no 'params' list")
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
                     f"param group {i} of the state dict has {len(saved['params'])} params, "
                     f"this optimizer's has {len(group['params'])}"
                 )
-        ids = list(chain.from_iterable(g["params"] for g in saved_groups))
-        if len(set(ids)) != len(ids):
-            raise ValueError("the state dict lists a param id twice in its param groups")
-        id_map = dict(zip(ids, chain.from_iterable(g["params"] for g in self.param_groups)))
+            if "lr" in group and "lr" not in saved:
+                raise ValueError(f"param group {i} of the state dict has no 'lr'")
+        id_map: dict[Any, Tensor] = {}
+        for k, p in zip(
+            chain.from_iterable(g["params"] for g in saved_groups),
+            chain.from_iterable(g["params"] for g in self.param_groups),
+        ):
+            if id_map.setdefault(k, p) is not p:
+                raise ValueError(f"the state dict lists param id {k!r} for two different params")
         unknown = [k for k in saved_state if k not in id_map]
         if unknown:
             raise ValueError(
                 f"the state dict has state for param ids {unknown[:5]} that no param group lists"
             )
 
-        counters = self._check_counters(saved_groups)
+        group_counters = [_group_counters(i, g) for i, g in enumerate(saved_groups)]
+        distinct = {c for c in group_counters if c is not None}
+        if len(distinct) > 1:
+            raise ValueError(f"the param groups of the state dict disagree on the EMA counters: {distinct}")
+        counters = distinct.pop() if distinct else None
         shadows: dict[Tensor, Tensor] = {}
-        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+        for i, (saved, group, own) in enumerate(zip(saved_groups, self.param_groups, group_counters)):
             enabled = saved.get(EMA, group.get(EMA, True))
-            averaged = [k for k in saved["params"] if enabled and _is_float(id_map[k])]
+            averaged = list(
+                {id(id_map[k]): k for k in saved["params"] if enabled and _is_float(id_map[k])}.values()
+            )
             have = [k for k in averaged if EMA in saved_state.get(k, {})]
-            if have and len(have) != len(averaged):
+            if have and own is None:
+                raise ValueError(
+                    f"param group {i} of the state dict has 'ema' shadows but no EMA counters "
+                    f"({', '.join(COUNTERS)})"
+                )
+            if len(have) != len(averaged) and (have or (own is not None and own[0] > 0)):
                 missing = [k for k in averaged if k not in have]
                 raise ValueError(f"param group {i}: params {missing[:5]} have no 'ema' shadow but others do")
             for k in have:
-                p, value = id_map[k], saved_state[k][EMA]
-                if not isinstance(value, Tensor) or not _is_float(value):
-                    raise ValueError(
-                        f"state[{k!r}]['ema'] must be a floating tensor, got {type(value).__name__}"
-                    )
-                if value.shape != p.shape:
-                    raise ValueError(
-                        f"state[{k!r}]['ema'] has shape {tuple(value.shape)}, its param has {tuple(p.shape)}"
-                    )
-                shadows[p] = value
+                shadows[id_map[k]] = _checked_shadow(k, id_map[k], saved_state[k][EMA])
         for k, saved in saved_state.items():
             self._check_inner_state(k, id_map[k], saved)
-        if counters is None and any(EMA in s for s in saved_state.values()):
-            raise ValueError(
-                f"the state dict has 'ema' shadows but no EMA counters ({', '.join(COUNTERS)}) "
-                "in its param groups"
-            )
         return shadows, counters
 
-    def _check_counters(self, saved_groups: list) -> Optional[tuple[int, int, float]]:
-        present = [all(c in g for c in COUNTERS) for g in saved_groups]
-        if not any(present) and not any(c in g for g in saved_groups for c in COUNTERS):
-            return None
-        if not all(present):
-            raise ValueError(f"some param groups of the state dict lack the EMA counters {COUNTERS}")
-        values = {tuple(g[c] for c in COUNTERS) for g in saved_groups}
-        if len(values) != 1:
-            raise ValueError(f"the param groups of the state dict disagree on the EMA counters: {values}")
-        steps, updates, prod = values.pop()
-        for name, v in ((STEPS, steps), (UPDATES, updates)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} in the state dict must be an int >= 0, got {v!r}")
-        if isinstance(prod, bool) or not isinstance(prod, numbers.Real) or not 0.0 <= prod <= 1.0:
-            raise ValueError(f"{DECAY_PROD} in the state dict must be a float in [0, 1], got {prod!r}")
-        return steps, updates, float(prod)
-
     def _check_inner_state(self, k: Any, p: Tensor, saved: Any) -> None:
-        """Inner keys must match what this optimizer already holds for the param (keys, shapes)."""
+        """Inner keys must fit the param and what this optimizer already holds for it."""
         if not isinstance(saved, Mapping):
             raise ValueError(f"state[{k!r}] must be a dict, got {type(saved).__name__}")
         current = {kk: v for kk, v in self.state.get(p, {}).items() if kk != EMA}
@@ -650,12 +651,67 @@ class EMAOptimizer(Optimizer):
                     f"state[{k!r}] lacks the keys {sorted(map(str, missing))} of this optimizer's state"
                 )
         for kk, v in given.items():
+            if not isinstance(v, Tensor):
+                continue
             cur = current.get(kk)
-            if isinstance(cur, Tensor) and isinstance(v, Tensor) and cur.shape != v.shape:
+            expected = cur.shape if isinstance(cur, Tensor) else p.shape if kk in PARAM_SHAPED else None
+            if expected is not None and v.shape != expected:
                 raise ValueError(
-                    f"state[{k!r}][{kk!r}] has shape {tuple(v.shape)}, "
-                    f"this optimizer's has {tuple(cur.shape)}"
+                    f"state[{k!r}][{kk!r}] has shape {tuple(v.shape)}, expected {tuple(expected)}"
                 )
+
+
+# Stock torch.optim state entries that always have their param's shape.
+PARAM_SHAPED = frozenset(
+    {
+        "exp_avg",
+        "exp_avg_sq",
+        "max_exp_avg_sq",
+        "momentum_buffer",
+        "square_avg",
+        "acc_delta",
+        "sum",
+        "grad_avg",
+        "ax",
+        "prev",
+        "step_size",
+        "exp_inf",
+    }
+)
+
+
+def _group_counters(i: int, group: Mapping) -> Optional[tuple[int, int, float]]:
+    present = [c in group for c in COUNTERS]
+    if not any(present):
+        return None
+    if not all(present):
+        raise ValueError(f"param group {i} of the state dict has only some of the EMA counters {COUNTERS}")
+    steps, updates, prod = (group[c] for c in COUNTERS)
+    for name, v in ((STEPS, steps), (UPDATES, updates)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} in the state dict must be an int >= 0, got {v!r}")
+    if isinstance(prod, bool) or not isinstance(prod, numbers.Real) or not 0.0 <= prod <= 1.0:
+        raise ValueError(f"{DECAY_PROD} in the state dict must be a float in [0, 1], got {prod!r}")
+    return steps, updates, float(prod)
+
+
+def _checked_shadow(k: Any, p: Tensor, value: Any) -> Tensor:
+    if not isinstance(value, Tensor) or not _is_float(value) or value.is_complex() != p.is_complex():
+        kind = f"{value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(
+            f"state[{k!r}]['ema'] must be a {'complex' if p.is_complex() else 'real'} floating "
+            f"tensor like its param, got a {kind}"
+        )
+    if value.shape != p.shape:
+        raise ValueError(
+            f"state[{k!r}]['ema'] has shape {tuple(value.shape)}, its param has {tuple(p.shape)}"
+        )
+    if (_kernels.local(value) is value) != (_kernels.local(p) is p):
+        raise ValueError(
+            f"state[{k!r}]['ema'] and its param must both be DTensors or both plain tensors; "
+            "for sharded models load through torch.distributed.checkpoint's set_optimizer_state_dict"
+        )
+    return value
 
 
 def _unproxied(opt: EMAOptimizer) -> EMAOptimizer:

@@ -18,6 +18,7 @@ A rule of thumb for a constant decay ``d``: a weight's influence halves after ab
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 __all__ = ["warmup", "polyak", "half_life", "linear", "cosine"]
@@ -26,7 +27,7 @@ Schedule = Callable[[int], float]
 
 
 def _check_real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if math.isnan(value):
         raise ValueError(f"{name} must not be NaN")
@@ -48,11 +49,11 @@ def _check_positive(name: str, value: object) -> float:
 
 
 def _check_ramp(start: object, end: object, steps: object) -> tuple[float, float, int]:
-    if isinstance(steps, bool) or not isinstance(steps, int):
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         raise TypeError(f"steps must be an int, got {type(steps).__name__}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    return _check_decay("start", start), _check_decay("end", end), steps
+    return _check_decay("start", start), _check_decay("end", end), int(steps)
 
 
 def warmup(

@@ -275,3 +275,142 @@ def test_plain_inner_dict_keeps_ema_false_groups_out():
     a.grad, b.grad = torch.ones(2), torch.ones(2)
     opt.step()
     assert "ema" in opt.state[a] and "ema" not in opt.state[b]
+
+
+def _fresh_adam(shapes):
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    return params, EMAOptimizer(torch.optim.Adam(params, lr=0.1), decay=0.9)
+
+
+def _stepped_adam(shapes):
+    params, opt = _fresh_adam(shapes)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return params, opt
+
+
+def _plain_adam_dict(shapes):
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    adam = torch.optim.Adam(params, lr=0.1)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    adam.step()
+    return adam.state_dict()
+
+
+def _drop_step(sd):
+    sd["state"][0].pop("step")
+
+
+def _counters_as_lists(sd):
+    for g in sd["param_groups"]:
+        g["ema_steps"] = [2]
+
+
+def _params_not_a_list(sd):
+    sd["param_groups"][0]["params"] = 5
+
+
+def _complex_ema(sd):
+    sd["state"][0]["ema"] = torch.zeros(3, dtype=torch.complex64)
+
+
+def _no_lr(sd):
+    sd["param_groups"][0].pop("lr")
+
+
+FRESH_BAD = [
+    (lambda: _plain_adam_dict([(4,), (2, 2)]), "shape"),  # a plain dict from a differently shaped model
+    (lambda: _with(_stepped_adam([(3,), (2, 2)])[1].state_dict(), _drop_step), "could not load"),
+    (lambda: _with(_stepped_adam([(3,), (2, 2)])[1].state_dict(), _counters_as_lists), "ema_steps"),
+    (lambda: _with(_stepped_adam([(3,), (2, 2)])[1].state_dict(), _params_not_a_list), "'params' list"),
+    (lambda: _with(_stepped_adam([(3,), (2, 2)])[1].state_dict(), _complex_ema), "real floating"),
+    (lambda: _with(_stepped_adam([(3,), (2, 2)])[1].state_dict(), _no_lr), "'lr'"),
+]
+
+
+def _with(sd, corrupt):
+    sd = roundtrip(sd)
+    corrupt(sd)
+    return sd
+
+
+@pytest.mark.parametrize("make_sd,match", FRESH_BAD, ids=["plain_wrong_shapes", "no_step", "counter_list",
+                                                          "params_int", "complex_ema", "no_lr"])
+def test_bad_state_dict_into_a_fresh_optimizer(make_sd, match):
+    params, opt = _fresh_adam([(3,), (2, 2)])
+    sd = make_sd()
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert len(opt.state) == 0 and opt.state is opt.optimizer.state
+    assert opt.param_groups is opt.optimizer.param_groups and opt.param_groups[0]["lr"] == 0.1
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()  # still usable
+
+
+def test_shadow_missing_for_a_whole_group_that_had_one_is_refused():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = EMAOptimizer(torch.optim.SGD([{"params": [a]}, {"params": [b]}], lr=0.1), decay=0.9)
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    opt.step()
+    sd = roundtrip(opt.state_dict())
+    sd["state"][1].pop("ema")
+    with pytest.raises(ValueError, match="have no 'ema'"):
+        opt.load_state_dict(sd)
+
+
+def test_inner_state_dict_override_and_hooks_are_kept():
+    class Counting(torch.optim.SGD):
+        def state_dict(self):
+            sd = super().state_dict()
+            sd["calls"] = 1
+            return sd
+
+        def load_state_dict(self, sd):
+            sd = dict(sd)
+            assert sd.pop("calls") == 1
+            super().load_state_dict(sd)
+
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = EMAOptimizer(Counting([w], lr=0.1), decay=0.5)
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "wrapper_hook": True})
+    w.grad = torch.ones(2)
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["calls"] == 1 and sd["wrapper_hook"] is True
+    opt.load_state_dict(roundtrip(sd))
+
+
+def test_duplicate_param_in_a_group_is_averaged_once():
+    w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    with pytest.warns(UserWarning, match="duplicate"):
+        inner = torch.optim.SGD([w, w], lr=1.0)
+    opt = EMAOptimizer(inner, decay=0.5)
+    w.grad = -torch.ones(3, dtype=torch.float64)
+    opt.step()  # SGD steps w twice: 0 -> 2; one EMA update: 0.5 * 0 + 0.5 * 2
+    assert torch.equal(opt.state[w]["ema"], torch.ones(3, dtype=torch.float64))
+    with opt.swap_ema_weights():
+        assert torch.equal(w.detach(), torch.ones(3, dtype=torch.float64))
+    assert torch.equal(w.detach(), torch.full((3,), 2.0, dtype=torch.float64))
+    opt.load_state_dict(roundtrip(opt.state_dict()))
+
+
+def test_deepcopy_after_a_scheduler_is_independent_and_inside_swap_gets_training_weights():
+    w = torch.nn.Parameter(torch.zeros(2))
+    opt = EMAOptimizer(torch.optim.SGD([w], lr=1.0), decay=0.5)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    w.grad = torch.ones(2)
+    opt.step()
+    clone = copy.deepcopy(opt)
+    (w2,) = clone.param_groups[0]["params"]
+    w2.grad = torch.ones(2)
+    clone.step()
+    assert torch.equal(w.detach(), -torch.ones(2)) and torch.equal(w2.detach(), -2 * torch.ones(2))
+    with opt.swap_ema_weights():
+        inside = copy.deepcopy(opt)
+    (w3,) = inside.param_groups[0]["params"]
+    assert torch.equal(w3.detach(), w.detach()) and torch.equal(inside.state[w3]["ema"], opt.state[w]["ema"])
+    w3.grad = torch.ones(2)
+    inside.step()
