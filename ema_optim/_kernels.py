@@ -17,7 +17,7 @@ Weight = Union[float, Tensor]
 # Elements per piece when swapping or moving large tensors: bounds every temporary to a few MB.
 CHUNK = 1 << 20
 # Cast scratch of a mixed-dtype group (bf16/fp16 params, fp32 shadows): at most CHUNK elements
-# and at most 1/8 of the group, so it is never model-sized; at least SCRATCH_MIN elements.
+# and at most 1/32 of the group, so it is never model-sized; at least SCRATCH_MIN elements.
 SCRATCH_MIN = 1 << 12
 
 try:  # DTensor params (FSDP2, tensor parallel): the kernels work on the local shards.
@@ -75,7 +75,7 @@ def group_pairs(shadows: Sequence[Tensor], params: Sequence[Tensor]) -> list[Gro
 
 def plan_casts(shadows: list[Tensor], params: list[Tensor]) -> CastPlan:
     total = sum(p.numel() for p in params)
-    size = min(CHUNK, max(SCRATCH_MIN, total // 8))
+    size = min(CHUNK, max(SCRATCH_MIN, total // 32))
     scratch = torch.empty(size, dtype=shadows[0].dtype, device=shadows[0].device)
     batches, large = [], []
     batch: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
@@ -142,13 +142,12 @@ def _cast_lerp_(plan: CastPlan, weight: Weight) -> None:
     for shadows, params, bufs in plan.batches:
         torch._foreach_copy_(bufs, params)
         _foreach_lerp_(shadows, bufs, weight)
+    size = plan.scratch.numel()
     for s, p in plan.large:
-        if not p.is_contiguous():  # rare: a large non-contiguous param; one cast of it
+        if flat(p) is None or not same_layout(s, p):  # rare: a large param with gaps; one cast of it
             s.lerp_(p.to(s.dtype), weight)
             continue
-        for s_piece, p_piece in zip(
-            s.view(-1).split(plan.scratch.numel()), p.view(-1).split(plan.scratch.numel())
-        ):
+        for s_piece, p_piece in zip(pieces(s, size), pieces(p, size)):
             buf = plan.scratch.narrow(0, 0, p_piece.numel())
             buf.copy_(p_piece)
             s_piece.lerp_(buf, weight)
@@ -160,71 +159,106 @@ def _lerp_offloaded_(g: Group, weight: Weight) -> None:
     if isinstance(weight, Tensor):
         weight = weight.to(g.shadows[0].device, g.shadows[0].dtype)
     for s, p in zip(g.shadows, g.params):
-        for s_part, p_part in zip(_pieces(s), _pieces(p)):
+        if flat(p) is None or not same_layout(s, p):  # rare: a param with gaps; one copy of it
+            s.lerp_(p.to(s.device, s.dtype), weight)
+            continue
+        for s_part, p_part in zip(pieces(s), pieces(p)):
             moved = p_part.to(device=s_part.device, dtype=s_part.dtype)
             s_part.lerp_(moved, weight)
 
 
-def _pieces(t: Tensor) -> list[Tensor]:
-    flat = t.view(-1)
-    return list(flat.split(CHUNK)) if flat.numel() > CHUNK else [flat]
+def flat(t: Tensor) -> Optional[Tensor]:
+    """A 1-D view of all of a dense tensor's elements in memory order (contiguous, channels_last,
+    transposed, ...), or None if its elements do not fill one block of memory."""
+    if t.is_contiguous():
+        return t.view(-1)
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return None
+        expected *= size
+    return t.as_strided((t.numel(),), (1,))
+
+
+def same_layout(a: Tensor, b: Tensor) -> bool:
+    """Element i of flat(a) and of flat(b) are the same logical element."""
+    return a.shape == b.shape and (a.stride() == b.stride() or a.is_contiguous() and b.is_contiguous())
+
+
+def pieces(t: Tensor, size: Optional[int] = None) -> list[Tensor]:
+    """Consecutive pieces of at most ``size`` (default CHUNK) elements of a dense tensor, in memory order."""
+    size = size or CHUNK
+    whole = flat(t)
+    return list(whole.split(size)) if whole.numel() > size else [whole]
 
 
 # ---------------------------------------------------------------------------------------------
 # Swap. Three ways to put the EMA into a param and get the training value back bit for bit:
-#   "exchange": same dtype: the two tensors trade values (piecewise, through a small scratch);
+#   "exchange": same dtype: the two tensors trade values, a piece at a time through a scratch;
 #   "pack":     bf16 param, fp32 shadow: the shadow's 32 bits keep the param's 16 training bits
 #               plus the low 16 bits of the EMA; the param holds the EMA rounded to bf16, whose
 #               rounding carry is a function of those low bits, so both come back exactly;
-#   "stash":    any other dtype pair (or a non-contiguous param): keep a copy of the param.
+#   "copy":     any other dtype pair, a param whose memory is not one dense block, or a shadow
+#               holding a NaN: keep a copy of the param's training values.
+# Exchange and pack work piece by piece, so the caller can record how far it got.
 # ---------------------------------------------------------------------------------------------
 
 
 def swap_method(shadow: Tensor, param: Tensor) -> str:
     shadow, param = local(shadow), local(param)
-    if not (param.is_contiguous() and shadow.is_contiguous()):
-        return "stash"
+    if flat(param) is None or flat(shadow) is None or not same_layout(shadow, param):
+        return "copy"
     if shadow.dtype == param.dtype:
         return "exchange"
     if param.dtype == torch.bfloat16 and shadow.dtype == torch.float32 and sys.byteorder == "little":
         return "pack"
-    return "stash"
+    return "copy"
 
 
-def exchange_(shadow: Tensor, param: Tensor) -> None:
-    """Trade the values of two same-dtype tensors in place (self-inverse)."""
-    for s, p in zip(_pieces(local(shadow)), _pieces(local(param))):
-        scratch = p.clone()
-        p.copy_(s)
-        s.copy_(scratch)
+def swap_pieces(shadow: Tensor, param: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """The (shadow, param) pieces that exchange_/pack_/unpack_ take, for one pair."""
+    return list(zip(pieces(local(shadow)), pieces(local(param))))
 
 
-def pack_(shadow: Tensor, param: Tensor) -> None:
-    """Put the fp32 EMA into a bf16 param; keep the training bits inside the shadow."""
-    for s, p in zip(_pieces(local(shadow)), _pieces(local(param))):
-        work = s.to(p.device)  # a no-op view unless the shadow is offloaded
-        low, high = _halves(work)
-        carry = low < 0  # the dropped low half is >= 0x8000: round up (half away from zero)
-        train = p.view(torch.int16).clone()  # (a piece-sized scratch)
-        p.view(torch.int16).copy_(high + carry)  # int16 arithmetic wraps like the bit pattern
-        high.copy_(train)
-        if work is not s:
-            s.copy_(work)
+def exchange_(s: Tensor, p: Tensor) -> None:
+    """Trade the values of two same-dtype pieces in place (self-inverse)."""
+    scratch = p.clone()
+    p.copy_(s)
+    s.copy_(scratch)
 
 
-def unpack_(shadow: Tensor, param: Tensor) -> None:
+def pack_(s: Tensor, p: Tensor) -> None:
+    """Put an fp32 EMA piece into a bf16 param piece; keep the training bits inside the shadow."""
+    work = s.to(p.device)  # the piece itself unless the shadow is offloaded
+    low, high = _halves(work)
+    carry = low < 0  # the dropped low half is >= 0x8000: round up (half away from zero)
+    train = p.view(torch.int16).clone()
+    p.view(torch.int16).copy_(high + carry)  # int16 arithmetic wraps like the bit pattern
+    high.copy_(train)
+    if work is not s:
+        s.copy_(work)
+
+
+def unpack_(s: Tensor, p: Tensor) -> None:
     """Inverse of :func:`pack_`: training bits back into the param, the exact EMA into the shadow."""
-    for s, p in zip(_pieces(local(shadow)), _pieces(local(param))):
-        work = s.to(p.device)
-        low, high = _halves(work)
-        train = high.clone()
-        high.copy_(p.view(torch.int16) - (low < 0).to(torch.int16))
-        p.view(torch.int16).copy_(train)
-        if work is not s:
-            s.copy_(work)
+    work = s.to(p.device)
+    low, high = _halves(work)
+    train = high.clone()
+    high.copy_(p.view(torch.int16) - (low < 0).to(torch.int16))
+    p.view(torch.int16).copy_(train)
+    if work is not s:
+        s.copy_(work)
 
 
 def _halves(fp32: Tensor) -> tuple[Tensor, Tensor]:
     """Views of the low and high 16 bits of each element of a flat fp32 tensor (little-endian)."""
     pairs = fp32.view(torch.int16).view(-1, 2)
     return pairs[:, 0], pairs[:, 1]
+
+
+def has_nan(tensors: Sequence[Tensor]) -> list[bool]:
+    """Which tensors hold a NaN, with one host read for all of them (swap time only)."""
+    if not tensors:
+        return []
+    norms = torch._foreach_norm([local(t) for t in tensors])  # NaN iff a NaN is present
+    return torch.stack([n.to(norms[0].device) for n in norms]).isnan().tolist()

@@ -159,7 +159,7 @@ class EMAOptimizer(Optimizer):
         self._groups: Optional[list[_kernels.Group]] = None  # cached (device, dtype) groups
         self._needs_init = True  # some EMA params may lack a shadow
         self._bare: list[Tensor] = []  # params whose state holds the shadow only (see _hide_bare)
-        self._swapped: Optional[list[tuple[Tensor, Tensor, str, Optional[Tensor]]]] = None
+        self._swapped: Optional[list[_Swapped]] = None  # inside swap_ema_weights(): what was swapped
 
     # ------------------------------------------------------------------ inner optimizer surface
 
@@ -338,7 +338,11 @@ class EMAOptimizer(Optimizer):
         return p.dtype
 
     def _as_shadow(self, p: Tensor, value: Tensor) -> Tensor:
-        """A contiguous shadow for ``p`` with ``value``'s contents, in the shadow dtype and device."""
+        """A shadow for ``p`` with ``value``'s contents, in the shadow dtype and device.
+
+        It has the param's memory layout (strides) when the param is dense, e.g. channels_last,
+        so that the update and the swap can walk both in memory order.
+        """
         device = self.ema_device or p.device
         dtype = self._shadow_dtype(p)
         if _kernels.local(p) is not p and device.type != p.device.type:
@@ -347,10 +351,15 @@ class EMAOptimizer(Optimizer):
                 f"on {p.device.type}: their shadows are already sharded; leave ema_device=None"
             )
         if device.type == "cpu" and p.device.type != "cpu" and torch.cuda.is_available():
-            shadow = torch.empty(p.shape, dtype=dtype, pin_memory=True)
-            shadow.copy_(value.detach())
-            return shadow
-        return value.detach().to(device=device, dtype=dtype, copy=True, memory_format=torch.contiguous_format)
+            dense = _kernels.flat(p) is not None
+            stride = p.stride() if dense else torch.empty(p.shape, device="meta").stride()
+            shadow = torch.empty_strided(p.shape, stride, dtype=dtype, pin_memory=True)
+        elif value is p:  # a new shadow: a copy that keeps the param's strides
+            return p.detach().to(device=device, dtype=dtype, copy=True)
+        else:  # a loaded one: in the param's layout
+            shadow = torch.empty_like(p, dtype=dtype, device=device)
+        shadow.copy_(value.detach())
+        return shadow
 
     def _new_shadows(self) -> dict[Tensor, Tensor]:
         """Shadows for EMA params that have none yet, from their current (pre-step) weights."""
@@ -439,35 +448,39 @@ class EMAOptimizer(Optimizer):
 
     @torch.no_grad()
     def _swap_in(self) -> None:
-        swapped: list[tuple[Tensor, Tensor, str, Optional[Tensor]]] = []
-        try:
-            for p in self._ema_params():
-                shadow = self.state.get(p, {}).get(EMA)
-                if shadow is None:
-                    continue
-                method = _kernels.swap_method(shadow, p)
-                stash = None
-                if method == "exchange":
-                    _kernels.exchange_(shadow, p)
-                elif method == "pack":
-                    _kernels.pack_(shadow, p)
-                else:
-                    stash = p.detach().clone()
-                    p.copy_(shadow)
-                swapped.append((p, shadow, method, stash))
-        finally:
-            self._swapped = swapped
+        # Each pair is recorded before it is touched, with how many of its pieces are done,
+        # so that _swap_out can undo exactly what was done if anything fails half-way.
+        self._swapped = swapped = []
+        pairs = [(p, self.state[p][EMA]) for p in self._ema_params() if EMA in self.state.get(p, ())]
+        methods = [_kernels.swap_method(s, p) for p, s in pairs]
+        packed = [s for (_, s), m in zip(pairs, methods) if m == "pack"]
+        nan = iter(_kernels.has_nan(packed))  # a NaN EMA must show as NaN: copy those instead
+        methods = ["copy" if m == "pack" and next(nan) else m for m in methods]
+        for (p, shadow), method in zip(pairs, methods):
+            if method == "copy":
+                record = _Swapped(p, shadow, method, stash=p.detach().clone())
+                swapped.append(record)
+                p.copy_(shadow)
+                record.done = 1
+                continue
+            record = _Swapped(p, shadow, method)
+            swapped.append(record)
+            kernel = _kernels.exchange_ if method == "exchange" else _kernels.pack_
+            for s_piece, p_piece in _kernels.swap_pieces(shadow, p):
+                kernel(s_piece, p_piece)
+                record.done += 1
 
     @torch.no_grad()
     def _swap_out(self) -> None:
         swapped, self._swapped = self._swapped or [], None
-        for p, shadow, method, stash in reversed(swapped):
-            if method == "exchange":
-                _kernels.exchange_(shadow, p)
-            elif method == "pack":
-                _kernels.unpack_(shadow, p)
-            else:
-                p.copy_(stash)
+        error = None
+        for record in reversed(swapped):  # restore everything, then report the first failure
+            try:
+                record.undo()
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                error = error or e
+        if error is not None:
+            raise error
 
     # ------------------------------------------------------------------ state dict
 
@@ -712,6 +725,26 @@ def _checked_shadow(k: Any, p: Tensor, value: Any) -> Tensor:
             "for sharded models load through torch.distributed.checkpoint's set_optimizer_state_dict"
         )
     return value
+
+
+class _Swapped:
+    """One param inside swap_ema_weights(): how it was swapped and how far."""
+
+    def __init__(self, p: Tensor, shadow: Tensor, method: str, stash: Optional[Tensor] = None) -> None:
+        self.p, self.shadow, self.method, self.stash = p, shadow, method, stash
+        self.done = 0  # pieces swapped (1 for "copy" once the EMA is in)
+
+    def undo(self) -> None:
+        if self.method == "copy":
+            if self.done:
+                self.p.copy_(self.stash)
+            return
+        kernel = _kernels.exchange_ if self.method == "exchange" else _kernels.unpack_
+        pieces = _kernels.swap_pieces(self.shadow, self.p)
+        while self.done:
+            s_piece, p_piece = pieces[self.done - 1]
+            kernel(s_piece, p_piece)
+            self.done -= 1
 
 
 def _unproxied(opt: EMAOptimizer) -> EMAOptimizer:

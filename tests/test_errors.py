@@ -111,3 +111,10 @@ def test_load_state_dict_of_wrong_type():
     opt = EMAOptimizer(sgd())
     with pytest.raises(TypeError, match="state_dict must be a dict"):
         opt.load_state_dict([1, 2])
+
+
+def test_schedules_take_numpy_scalars():
+    np = pytest.importorskip("numpy")
+    assert schedules.warmup(max_decay=np.float32(0.5))(10**6) == pytest.approx(0.5)
+    assert schedules.half_life(np.int64(10))(0) == pytest.approx(0.5**0.1)
+    assert schedules.linear(0.5, 0.9, np.int64(4))(4) == pytest.approx(0.9)

@@ -336,8 +336,11 @@ def _with(sd, corrupt):
     return sd
 
 
-@pytest.mark.parametrize("make_sd,match", FRESH_BAD, ids=["plain_wrong_shapes", "no_step", "counter_list",
-                                                          "params_int", "complex_ema", "no_lr"])
+@pytest.mark.parametrize(
+    "make_sd,match",
+    FRESH_BAD,
+    ids=["plain_wrong_shapes", "no_step", "counter_list", "params_int", "complex_ema", "no_lr"],
+)
 def test_bad_state_dict_into_a_fresh_optimizer(make_sd, match):
     params, opt = _fresh_adam([(3,), (2, 2)])
     sd = make_sd()

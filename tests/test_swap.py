@@ -200,3 +200,67 @@ def test_swap_load_and_add_group_through_a_proxy_reach_the_real_optimizer():
     extra.grad = torch.ones(2)
     opt.step()
     assert "ema" in opt.state[extra]
+
+
+def test_channels_last_params_swap_in_place_and_step_allocates_nothing():
+    from .test_memory import AllocationSpy
+
+    conv = torch.nn.Conv2d(64, 64, 3).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    opt = EMAOptimizer(torch.optim.SGD(conv.parameters(), lr=0.1), decay=0.9)
+    for p in conv.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    w = conv.weight
+    assert opt.state[w]["ema"].stride() == w.stride()  # the shadow keeps the param's layout
+    spy = AllocationSpy()
+    with spy:
+        opt.step()
+    assert spy.bytes < 0.01 * w.numel() * 2
+    before, shadow = bits(w), opt.state[w]["ema"].clone()
+    with opt.swap_ema_weights():
+        assert [r.method for r in opt._swapped] == ["pack", "pack"]
+        torch.testing.assert_close(w.detach().float(), shadow, rtol=2**-8, atol=0)
+    assert torch.equal(bits(w), before) and torch.equal(opt.state[w]["ema"], shadow)
+
+
+def test_a_nan_ema_shows_as_nan_inside_the_swap():
+    w = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    opt = EMAOptimizer(torch.optim.SGD([w], lr=0.1), decay=0.5)
+    w.grad = torch.ones(4, dtype=torch.bfloat16)
+    opt.step()
+    nan_bits = torch.tensor([0x7F807FFF, -1, 0x7FC00000, 0x3F808000], dtype=torch.int64)
+    nan_bits = torch.where(nan_bits >= 2**31, nan_bits - 2**32, nan_bits).to(torch.int32)
+    opt.state[w]["ema"].copy_(nan_bits.view(torch.float32))
+    before, shadow = bits(w), opt.state[w]["ema"].clone()
+    with opt.swap_ema_weights():
+        assert torch.isnan(w.detach()[:3]).all()
+    assert torch.equal(bits(w), before)
+    assert torch.equal(shadow.view(torch.int32), opt.state[w]["ema"].view(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_failure_between_pieces_of_a_large_tensor_restores_everything(dtype, monkeypatch):
+    monkeypatch.setattr(_kernels, "CHUNK", 64)  # a 1,000-element param is 16 pieces
+    params = [torch.nn.Parameter(torch.randn(1000).to(dtype)) for _ in range(3)]
+    opt = EMAOptimizer(torch.optim.SGD(params, lr=0.1), decay=0.5)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    before = [bits(p) for p in params]
+    shadows = [bits(opt.state[p]["ema"]) for p in params]
+    name = "exchange_" if dtype == torch.float32 else "pack_"
+    real, calls = getattr(_kernels, name), []
+
+    def flaky(s, p):
+        calls.append(1)
+        if len(calls) == 21:  # in the middle of the second param
+            raise KeyboardInterrupt
+        real(s, p)
+
+    monkeypatch.setattr(_kernels, name, flaky)
+    with pytest.raises(KeyboardInterrupt):
+        with opt.swap_ema_weights():
+            pass
+    assert all(torch.equal(a, bits(p)) for a, p in zip(before, params))
+    assert all(torch.equal(a, bits(opt.state[p]["ema"])) for a, p in zip(shadows, params))
+    assert opt._swapped is None

@@ -279,10 +279,10 @@ def test_step_returns_closure_loss():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("decay", [0.9, schedules.warmup(0.99)], ids=["const", "warmup"])
 def test_low_precision_params_of_every_size_go_through_the_cast_scratch_exactly(dtype, decay):
-    # Sizes around the scratch (1/8 of the group here): packed batches, a param that fills a
+    # Sizes around the scratch (4,096 elements here): packed batches, a param that fills a
     # batch alone, params larger than the scratch (split in pieces), a large non-contiguous one.
     torch.manual_seed(0)
-    shapes = [(10,), (7000,), (6000,), (70, 300), (1,), (40000,)]
+    shapes = [(10,), (3000,), (2000,), (70, 300), (1,), (40000,)]
     params = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in shapes]
     params.append(torch.nn.Parameter(torch.randn(300, 90).to(dtype).t()))  # non-contiguous, large
     opt = EMAOptimizer(torch.optim.SGD(params, lr=0.05), decay=decay)
