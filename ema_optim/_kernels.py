@@ -198,8 +198,12 @@ def pieces(t: Tensor, size: Optional[int] = None) -> list[Tensor]:
 #   "pack":     bf16 param, fp32 shadow: the shadow's 32 bits keep the param's 16 training bits
 #               plus the low 16 bits of the EMA; the param holds the EMA rounded to bf16, whose
 #               rounding carry is a function of those low bits, so both come back exactly;
+#   "pack16":   fp16 param, fp32 shadow: the param holds the EMA rounded to fp16, the shadow's
+#               32 bits keep the 16 training bits and the rounding residual as an int16 count
+#               of the EMA's finest fp32 step; exact while the EMA is in fp16's normal range;
 #   "copy":     any other dtype pair, a param whose memory is not one dense block, or a shadow
-#               holding a NaN: keep a copy of the param's training values.
+#               that cannot be packed (a NaN; for fp16 an EMA outside fp16's normal range):
+#               keep a copy of the param's training values.
 # Exchange and pack work piece by piece, so the caller can record how far it got.
 # ---------------------------------------------------------------------------------------------
 
@@ -210,8 +214,8 @@ def swap_method(shadow: Tensor, param: Tensor) -> str:
         return "copy"
     if shadow.dtype == param.dtype:
         return "exchange"
-    if param.dtype == torch.bfloat16 and shadow.dtype == torch.float32 and sys.byteorder == "little":
-        return "pack"
+    if shadow.dtype == torch.float32 and sys.byteorder == "little":
+        return {torch.bfloat16: "pack", torch.float16: "pack16"}.get(param.dtype, "copy")
     return "copy"
 
 
@@ -256,9 +260,57 @@ def _halves(fp32: Tensor) -> tuple[Tensor, Tensor]:
     return pairs[:, 0], pairs[:, 1]
 
 
-def has_nan(tensors: Sequence[Tensor]) -> list[bool]:
-    """Which tensors hold a NaN, with one host read for all of them (swap time only)."""
-    if not tensors:
+def pack16_(s: Tensor, p: Tensor) -> None:
+    """Put an fp32 EMA piece into an fp16 param piece; keep the training bits and the residual."""
+    work = s.to(p.device)
+    h = work.to(torch.float16)
+    hf = h.float()
+    residual = ((work - hf) / _finest_step(hf)).to(torch.int16)  # exact (Sterbenz), |.| <= 2**13
+    train = p.view(torch.int16).clone()
+    low, high = _halves(work)
+    low.copy_(residual)
+    high.copy_(train)
+    p.copy_(h)
+    if work is not s:
+        s.copy_(work)
+
+
+def unpack16_(s: Tensor, p: Tensor) -> None:
+    """Inverse of :func:`pack16_`."""
+    work = s.to(p.device)
+    low, high = _halves(work)
+    hf = p.float()
+    residual, train = low.float(), high.clone()
+    # both terms and their sum are exact in fp32; where() keeps the sign of a -0.0 EMA
+    work.copy_(torch.where(residual == 0, hf, hf + residual * _finest_step(hf)))
+    p.view(torch.int16).copy_(train)
+    if work is not s:
+        s.copy_(work)
+
+
+def _finest_step(hf: Tensor) -> Tensor:
+    """2 ** (exponent(hf) - 24): the fp32 spacing just below hf's binade, as an fp32 tensor."""
+    exponent = (hf.view(torch.int32) >> 23) & 0xFF
+    return ((exponent - 24).clamp(min=1) << 23).view(torch.float32)
+
+
+SWAP_KERNELS = {"exchange": (exchange_, exchange_), "pack": (pack_, unpack_), "pack16": (pack16_, unpack16_)}
+
+
+def packable(pairs: Sequence[tuple[Tensor, str]]) -> list[bool]:
+    """Whether each (shadow, method) can be packed exactly, with one host read (swap time only).
+
+    bf16: any EMA but NaN (whose bf16 rounding would not show as NaN); fp16: an EMA of 0 or in
+    fp16's normal range (finite after rounding, magnitude >= 2**-14).
+    """
+    if not pairs:
         return []
-    norms = torch._foreach_norm([local(t) for t in tensors])  # NaN iff a NaN is present
-    return torch.stack([n.to(norms[0].device) for n in norms]).isnan().tolist()
+    checks = []
+    for shadow, method in pairs:
+        s = local(shadow)
+        if method == "pack":
+            checks.append(~torch.isnan(s).any())
+        else:
+            h = s.to(torch.float16)
+            checks.append((torch.isfinite(h) & ((h.float().abs() >= 2.0**-14) | (s == 0))).all())
+    return torch.stack([c.to(checks[0].device) for c in checks]).tolist()

@@ -69,6 +69,11 @@ class EMAOptimizer(Optimizer):
             host memory (pinned when CUDA is available); the update then brings the params
             over in pieces of at most 1M elements, synchronously.
 
+    Notes: edit a shadow in place (``opt.state[p]["ema"].copy_(...)``) or through
+    ``load_state_dict``; assigning a new tensor to ``opt.state[p]["ema"]`` is not picked up.
+    Global step hooks (``torch.optim.optimizer.register_optimizer_step_pre_hook``) run for
+    the wrapper and for the inner optimizer, so twice per ``step()``.
+
     Cost: one shadow per parameter in the shadow dtype (4 bytes/param for fp32 or bf16
     params with default settings) and, per update, one read of every weight and one
     read-modify-write of every shadow. No host-device synchronisation. Params of groups
@@ -417,9 +422,11 @@ class EMAOptimizer(Optimizer):
 
         Inside the block, ``opt.step()`` and a nested swap raise ``RuntimeError``;
         ``opt.state_dict()`` returns what it returns outside; ``opt.state[p]["ema"]`` holds
-        swap bookkeeping, not the EMA. In-place edits of the params inside the block edit
-        the EMA (except for "copy" pairs, where they are dropped); the training weights
-        come back unchanged either way.
+        swap bookkeeping, not the EMA, and so do the ``"ema"`` tensors of a ``state_dict()``
+        taken before the block (they are the live shadows, as in any torch state dict): save
+        checkpoints outside the block, or call ``state_dict()`` inside it. In-place edits of
+        the params inside the block edit the EMA (except for "copy" pairs, where they are
+        dropped); the training weights come back unchanged either way.
 
         Example:
             >>> import torch
@@ -453,9 +460,9 @@ class EMAOptimizer(Optimizer):
         self._swapped = swapped = []
         pairs = [(p, self.state[p][EMA]) for p in self._ema_params() if EMA in self.state.get(p, ())]
         methods = [_kernels.swap_method(s, p) for p, s in pairs]
-        packed = [s for (_, s), m in zip(pairs, methods) if m == "pack"]
-        nan = iter(_kernels.has_nan(packed))  # a NaN EMA must show as NaN: copy those instead
-        methods = ["copy" if m == "pack" and next(nan) else m for m in methods]
+        packs = [(s, m) for (_, s), m in zip(pairs, methods) if m.startswith("pack")]
+        fits = iter(_kernels.packable(packs))  # e.g. a NaN EMA must show as NaN: copy those
+        methods = [m if not m.startswith("pack") or next(fits) else "copy" for m in methods]
         for (p, shadow), method in zip(pairs, methods):
             if method == "copy":
                 record = _Swapped(p, shadow, method, stash=p.detach().clone())
@@ -465,7 +472,7 @@ class EMAOptimizer(Optimizer):
                 continue
             record = _Swapped(p, shadow, method)
             swapped.append(record)
-            kernel = _kernels.exchange_ if method == "exchange" else _kernels.pack_
+            kernel = _kernels.SWAP_KERNELS[method][0]
             for s_piece, p_piece in _kernels.swap_pieces(shadow, p):
                 kernel(s_piece, p_piece)
                 record.done += 1
@@ -739,7 +746,7 @@ class _Swapped:
             if self.done:
                 self.p.copy_(self.stash)
             return
-        kernel = _kernels.exchange_ if self.method == "exchange" else _kernels.unpack_
+        kernel = _kernels.SWAP_KERNELS[self.method][1]
         pieces = _kernels.swap_pieces(self.shadow, self.p)
         while self.done:
             s_piece, p_piece = pieces[self.done - 1]

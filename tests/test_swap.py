@@ -238,7 +238,7 @@ def test_a_nan_ema_shows_as_nan_inside_the_swap():
     assert torch.equal(shadow.view(torch.int32), opt.state[w]["ema"].view(torch.int32))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_failure_between_pieces_of_a_large_tensor_restores_everything(dtype, monkeypatch):
     monkeypatch.setattr(_kernels, "CHUNK", 64)  # a 1,000-element param is 16 pieces
     params = [torch.nn.Parameter(torch.randn(1000).to(dtype)) for _ in range(3)]
@@ -248,8 +248,8 @@ def test_failure_between_pieces_of_a_large_tensor_restores_everything(dtype, mon
     opt.step()
     before = [bits(p) for p in params]
     shadows = [bits(opt.state[p]["ema"]) for p in params]
-    name = "exchange_" if dtype == torch.float32 else "pack_"
-    real, calls = getattr(_kernels, name), []
+    method = {torch.float32: "exchange", torch.bfloat16: "pack", torch.float16: "pack16"}[dtype]
+    (real, inverse), calls = _kernels.SWAP_KERNELS[method], []
 
     def flaky(s, p):
         calls.append(1)
@@ -257,10 +257,41 @@ def test_failure_between_pieces_of_a_large_tensor_restores_everything(dtype, mon
             raise KeyboardInterrupt
         real(s, p)
 
-    monkeypatch.setattr(_kernels, name, flaky)
+    monkeypatch.setitem(_kernels.SWAP_KERNELS, method, (flaky, inverse))
     with pytest.raises(KeyboardInterrupt):
         with opt.swap_ema_weights():
             pass
     assert all(torch.equal(a, bits(p)) for a, p in zip(before, params))
     assert all(torch.equal(a, bits(opt.state[p]["ema"])) for a, p in zip(shadows, params))
     assert opt._swapped is None
+
+
+def test_pack16_is_exact_and_rounds_like_torch():
+    g = torch.Generator().manual_seed(5)
+    mags = torch.logspace(-4.2, 4.5, 200_000).float()  # fp16's normal range is [6.1e-5, 65504]
+    shadow = torch.randn(200_000, generator=g).sign() * mags * (1 + torch.rand(200_000, generator=g))
+    shadow[:3] = torch.tensor([0.0, -0.0, 65504.0])
+    assert all(_kernels.packable([(shadow, "pack16")]))
+    param = torch.randn(200_000, generator=g).half()
+    s, p = shadow.clone(), param.clone()
+    for s_piece, p_piece in _kernels.swap_pieces(s, p):
+        _kernels.pack16_(s_piece, p_piece)
+    assert torch.equal(p.view(torch.int16), shadow.half().view(torch.int16))  # torch's own rounding
+    for s_piece, p_piece in _kernels.swap_pieces(s, p):
+        _kernels.unpack16_(s_piece, p_piece)
+    assert torch.equal(s.view(torch.int32), shadow.view(torch.int32))
+    assert torch.equal(p.view(torch.int16), param.view(torch.int16))
+
+
+@pytest.mark.parametrize("value", [1e-6, 1e5, float("inf"), float("nan")])
+def test_fp16_ema_outside_fp16_range_falls_back_to_a_copy(value):
+    w = torch.nn.Parameter(torch.ones(4, dtype=torch.float16))
+    opt = EMAOptimizer(torch.optim.SGD([w], lr=0.1), decay=0.5)
+    w.grad = torch.ones(4, dtype=torch.float16)
+    opt.step()
+    opt.state[w]["ema"][1] = value
+    before, shadow = bits(w), opt.state[w]["ema"].clone()
+    with opt.swap_ema_weights():
+        assert [r.method for r in opt._swapped] == ["copy"]
+        torch.testing.assert_close(w.detach(), shadow.half(), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(bits(w), before) and torch.equal(bits(opt.state[w]["ema"]), bits(shadow))
