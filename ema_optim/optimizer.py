@@ -417,8 +417,11 @@ class EMAOptimizer(Optimizer):
         Cost: no model-sized copy. Same-dtype pairs trade values in place through a
         scratch of at most 1M elements; bf16 params with fp32 shadows are packed in place
         (the param gets the EMA rounded to bf16, half away from zero; the shadow's 32 bits
-        keep the 16 training bits and the 16 bits the rounding dropped). Other dtype
-        pairs (e.g. fp16 params with fp32 shadows) keep a copy of those params only ("copy" pairs).
+        keep the 16 training bits and the 16 bits the rounding dropped); fp16 params with
+        fp32 shadows likewise (the param gets ``ema.half()``, the shadow keeps the residual)
+        while the EMA is in fp16's normal range. Tensors that cannot be packed (a NaN EMA,
+        an fp16 EMA out of range, other dtype pairs, params with gaps in memory) keep a copy
+        of their training values ("copy" pairs).
 
         Inside the block, ``opt.step()`` and a nested swap raise ``RuntimeError``;
         ``opt.state_dict()`` returns what it returns outside; ``opt.state[p]["ema"]`` holds

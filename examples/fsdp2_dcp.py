@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import warnings
 
 import torch
@@ -118,6 +119,10 @@ def _spawned(rank: int, world: int, port: int, path: str, steps: int) -> None:
         train_and_save(rank, world, path, steps)
     finally:
         dist.destroy_process_group()
+    # Skip the interpreter's teardown in the worker: gloo's threads sometimes abort it
+    # ("terminate called without an active exception") after a clean run.
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def main() -> None:
