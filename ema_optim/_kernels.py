@@ -6,6 +6,7 @@ Kernels see flat tensor lists and plain scalars only, never optimizer state or
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -231,27 +232,36 @@ def exchange_(s: Tensor, p: Tensor) -> None:
     s.copy_(scratch)
 
 
+def _on_param_device(kernel):
+    """Run a pack kernel on an offloaded shadow piece through a copy on the param's device."""
+
+    @functools.wraps(kernel)
+    def run(s: Tensor, p: Tensor) -> None:
+        work = s.to(p.device)  # the piece itself unless the shadow is offloaded
+        kernel(work, p)
+        if work is not s:
+            s.copy_(work)
+
+    return run
+
+
+@_on_param_device
 def pack_(s: Tensor, p: Tensor) -> None:
     """Put an fp32 EMA piece into a bf16 param piece; keep the training bits inside the shadow."""
-    work = s.to(p.device)  # the piece itself unless the shadow is offloaded
-    low, high = _halves(work)
+    low, high = _halves(s)
     carry = low < 0  # the dropped low half is >= 0x8000: round up (half away from zero)
     train = p.view(torch.int16).clone()
     p.view(torch.int16).copy_(high + carry)  # int16 arithmetic wraps like the bit pattern
     high.copy_(train)
-    if work is not s:
-        s.copy_(work)
 
 
+@_on_param_device
 def unpack_(s: Tensor, p: Tensor) -> None:
     """Inverse of :func:`pack_`: training bits back into the param, the exact EMA into the shadow."""
-    work = s.to(p.device)
-    low, high = _halves(work)
+    low, high = _halves(s)
     train = high.clone()
     high.copy_(p.view(torch.int16) - (low < 0).to(torch.int16))
     p.view(torch.int16).copy_(train)
-    if work is not s:
-        s.copy_(work)
 
 
 def _halves(fp32: Tensor) -> tuple[Tensor, Tensor]:
@@ -260,32 +270,28 @@ def _halves(fp32: Tensor) -> tuple[Tensor, Tensor]:
     return pairs[:, 0], pairs[:, 1]
 
 
+@_on_param_device
 def pack16_(s: Tensor, p: Tensor) -> None:
     """Put an fp32 EMA piece into an fp16 param piece; keep the training bits and the residual."""
-    work = s.to(p.device)
-    h = work.to(torch.float16)
+    h = s.to(torch.float16)
     hf = h.float()
-    residual = ((work - hf) / _finest_step(hf)).to(torch.int16)  # exact (Sterbenz), |.| <= 2**13
+    residual = ((s - hf) / _finest_step(hf)).to(torch.int16)  # exact (Sterbenz), |.| <= 2**13
     train = p.view(torch.int16).clone()
-    low, high = _halves(work)
+    low, high = _halves(s)
     low.copy_(residual)
     high.copy_(train)
     p.copy_(h)
-    if work is not s:
-        s.copy_(work)
 
 
+@_on_param_device
 def unpack16_(s: Tensor, p: Tensor) -> None:
     """Inverse of :func:`pack16_`."""
-    work = s.to(p.device)
-    low, high = _halves(work)
+    low, high = _halves(s)
     hf = p.float()
     residual, train = low.float(), high.clone()
     # both terms and their sum are exact in fp32; where() keeps the sign of a -0.0 EMA
-    work.copy_(torch.where(residual == 0, hf, hf + residual * _finest_step(hf)))
+    s.copy_(torch.where(residual == 0, hf, hf + residual * _finest_step(hf)))
     p.view(torch.int16).copy_(train)
-    if work is not s:
-        s.copy_(work)
 
 
 def _finest_step(hf: Tensor) -> Tensor:
