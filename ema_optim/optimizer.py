@@ -303,7 +303,8 @@ class EMAOptimizer(Optimizer):
             return
         if found_inf is not None:
             # A skipped (inf/NaN) step is only known on the device: weight it to zero there.
-            keep = 1.0 - found_inf.to(groups[0].shadows[0].device, torch.float64).reshape(())
+            # (computed where found_inf lives; each group takes it to its own device)
+            keep = 1.0 - found_inf.to(torch.float64).reshape(())
             weight = keep if action == "copy" else keep * self._weight_as_tensor(keep.device)
             _kernels.lerp_(groups, weight)
         elif action == "copy":
