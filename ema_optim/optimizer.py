@@ -499,8 +499,8 @@ class EMAOptimizer(Optimizer):
         """The inner optimizer's state dict, with each param's shadow under ``"ema"``.
 
         ``state_dict()["state"][i]["ema"]`` is the shadow of the i-th param (in the shadow
-        dtype); the EMA counters are plain ints/floats in every param group. Inside
-        ``swap_ema_weights()`` the same values are returned (as copies).
+        dtype); the EMA counters are plain ints/floats in each param group that has
+        shadows. Inside ``swap_ema_weights()`` the same values are returned (as copies).
         """
         if self._swapped is None:
             return self._state_dict()
