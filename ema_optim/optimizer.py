@@ -522,10 +522,11 @@ class EMAOptimizer(Optimizer):
             pre_hook(self)
         sd = self.optimizer.state_dict()  # the inner's own layout and hooks; "ema" is in the shared state
         counters = {STEPS: self._steps, UPDATES: self._updates, DECAY_PROD: self._decay_prod}
-        for saved, group in zip(sd["param_groups"], self.param_groups):
-            # The counters mark the groups whose params have shadows (every group before the
-            # first step): a group added since the last step has no shadows yet, and no counters.
-            if self._steps == 0 or any(EMA in self.state.get(p, ()) for p in group["params"]):
+        has_shadows = [any(EMA in self.state.get(p, ()) for p in g["params"]) for g in self.param_groups]
+        for saved, marked in zip(sd["param_groups"], has_shadows):
+            # The counters mark the groups whose params have shadows (every group while none
+            # has any): a group added since the last step has no shadows yet, and no counters.
+            if marked or not any(has_shadows):
                 saved.update(counters)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
@@ -569,6 +570,12 @@ class EMAOptimizer(Optimizer):
                 {k: v for k, v in g.items() if k not in COUNTERS} for g in state_dict["param_groups"]
             ],
         }
+        shadows, counters = plan
+        try:  # the new shadows first, so that nothing has changed if one cannot be made
+            with torch.no_grad():
+                shadows = {p: self._as_shadow(p, value) for p, value in shadows.items()}
+        except Exception as e:
+            raise ValueError(f"could not make a shadow from the state dict: {e!r}") from e
         old = (self.optimizer.state, self.optimizer.param_groups)
         try:
             self.optimizer.load_state_dict(inner_sd)
@@ -581,7 +588,6 @@ class EMAOptimizer(Optimizer):
             if EMA not in group and EMA in before:
                 group[EMA] = before[EMA]
 
-        shadows, counters = plan
         if counters is None:
             warnings.warn(
                 "loaded a state dict without EMA shadows (a plain inner-optimizer state dict?): "
@@ -590,9 +596,8 @@ class EMAOptimizer(Optimizer):
                 stacklevel=2,
             )
             counters = (0, 0, 1.0)
-        with torch.no_grad():
-            for p, value in shadows.items():
-                self.state[p][EMA] = self._as_shadow(p, value)
+        for p, shadow in shadows.items():
+            self.state[p][EMA] = shadow
         self._steps, self._updates, self._decay_prod = counters
         self._groups = None
         self._needs_init = True
@@ -642,18 +647,22 @@ class EMAOptimizer(Optimizer):
             raise ValueError(f"the param groups of the state dict disagree on the EMA counters: {distinct}")
         counters = distinct.pop() if distinct else None
         shadows: dict[Tensor, Tensor] = {}
-        for i, (saved, group, own) in enumerate(zip(saved_groups, self.param_groups, group_counters)):
+        have_by_group = []
+        for saved, group in zip(saved_groups, self.param_groups):
             enabled = saved.get(EMA, group.get(EMA, True))
             averaged = list(
                 {id(id_map[k]): k for k in saved["params"] if enabled and _is_float(id_map[k])}.values()
             )
-            have = [k for k in averaged if EMA in saved_state.get(k, {})]
+            have_by_group.append((averaged, [k for k in averaged if EMA in saved_state.get(k, {})]))
+        any_shadow = any(have for _, have in have_by_group)
+        for i, ((averaged, have), own) in enumerate(zip(have_by_group, group_counters)):
             if have and own is None:
                 raise ValueError(
                     f"param group {i} of the state dict has 'ema' shadows but no EMA counters "
                     f"({', '.join(COUNTERS)})"
                 )
-            if len(have) != len(averaged) and (have or (own is not None and own[0] > 0)):
+            # A group with counters had shadows when it was saved (unless none had any yet).
+            if len(have) != len(averaged) and (have or (own is not None and own[0] > 0 and any_shadow)):
                 missing = [k for k in averaged if k not in have]
                 raise ValueError(f"param group {i}: params {missing[:5]} have no 'ema' shadow but others do")
             for k in have:
@@ -726,6 +735,8 @@ def _checked_shadow(k: Any, p: Tensor, value: Any) -> Tensor:
             f"state[{k!r}]['ema'] must be a {'complex' if p.is_complex() else 'real'} floating "
             f"tensor like its param, got a {kind}"
         )
+    if value.is_meta:
+        raise ValueError(f"state[{k!r}]['ema'] is a meta tensor: it holds no values")
     if value.shape != p.shape:
         raise ValueError(
             f"state[{k!r}]['ema'] has shape {tuple(value.shape)}, its param has {tuple(p.shape)}"

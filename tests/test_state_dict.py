@@ -417,3 +417,46 @@ def test_deepcopy_after_a_scheduler_is_independent_and_inside_swap_gets_training
     assert torch.equal(w3.detach(), w.detach()) and torch.equal(inside.state[w3]["ema"], opt.state[w]["ema"])
     w3.grad = torch.ones(2)
     inside.step()
+
+
+def test_shadow_that_cannot_be_made_fails_the_load_before_anything_changes(monkeypatch):
+    model, opt = make()
+    train(model, opt, 2, seed=1)
+    sd = roundtrip(opt.state_dict())
+    model_b, opt_b = make(seed=5)
+    train(model_b, opt_b, 3, seed=6)
+    before = full_snapshot(model_b, opt_b)
+    sd_meta = roundtrip(sd)
+    sd_meta["state"][1]["ema"] = torch.empty(sd["state"][1]["ema"].shape, device="meta")
+    with pytest.raises(ValueError, match="meta"):
+        opt_b.load_state_dict(sd_meta)
+    real, calls = EMAOptimizer._as_shadow, []
+
+    def failing(self, p, value):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return real(self, p, value)
+
+    monkeypatch.setattr(EMAOptimizer, "_as_shadow", failing)
+    with pytest.raises(ValueError, match="out of memory"):
+        opt_b.load_state_dict(sd)
+    assert_unchanged(before, full_snapshot(model_b, opt_b))
+
+
+def test_counters_survive_when_no_group_has_shadows_yet():
+    x = torch.nn.Parameter(torch.zeros(2))
+    opt = EMAOptimizer(torch.optim.SGD([{"params": [x], "ema": False}], lr=0.1), update_after_step=5)
+    for _ in range(3):
+        x.grad = torch.ones(2)
+        opt.step()
+    y = torch.nn.Parameter(torch.zeros(2))
+    opt.add_param_group({"params": [y]})
+    sd = roundtrip(opt.state_dict())
+    x2, y2 = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt2 = EMAOptimizer(torch.optim.SGD([{"params": [x2], "ema": False}], lr=0.1), update_after_step=5)
+    opt2.add_param_group({"params": [y2]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt2.load_state_dict(sd)
+    assert opt2._steps == 3
