@@ -39,9 +39,10 @@ class Group(NamedTuple):
 
     shadows: list[Tensor]
     params: list[Tensor]
-    mixed: bool  # shadow dtype differs from the param dtype (e.g. fp32 shadows of bf16 params)
     same_device: bool
-    casts: Optional[CastPlan] = None  # mixed groups on one device: how params go through the scratch
+    # Shadow dtype differs from the param dtype (e.g. fp32 shadows of bf16 params), on one
+    # device: how the params go through the cast scratch.
+    casts: Optional[CastPlan] = None
 
 
 class CastPlan(NamedTuple):
@@ -68,9 +69,9 @@ def group_pairs(shadows: Sequence[Tensor], params: Sequence[Tensor]) -> list[Gro
         bucket[1].append(p)
     groups = []
     for key, (ss, ps) in buckets.items():
-        mixed, same_device = key[1] != key[3], key[0] == key[2]
-        casts = plan_casts(ss, ps) if mixed and same_device else None
-        groups.append(Group(ss, ps, mixed, same_device, casts))
+        same_device = key[0] == key[2]
+        casts = plan_casts(ss, ps) if key[1] != key[3] and same_device else None
+        groups.append(Group(ss, ps, same_device, casts))
     return groups
 
 
@@ -119,18 +120,23 @@ def lerp_(groups: Sequence[Group], weight: Weight) -> None:
     for g in groups:
         if not g.same_device:
             _lerp_offloaded_(g, weight)
-        elif g.mixed:
+        elif g.casts is not None:
             _cast_lerp_(g.casts, weight)
         else:
             _foreach_lerp_(g.shadows, g.params, weight)
 
 
-def _foreach_lerp_(shadows: list[Tensor], ends: list[Tensor], weight: Weight) -> None:
-    # A 0-dim tensor weight goes in as a list (the Scalar overload would read it on the host),
-    # in the shadows' dtype and on their device (a no-op when it is there already).
+def _weight_for(weight: Weight, like: Tensor) -> Weight:
+    # A 0-dim tensor weight in the shadows' dtype and on their device (a no-op when it is).
     if isinstance(weight, Tensor):
-        weight = [weight.to(shadows[0].device, shadows[0].dtype, non_blocking=True)] * len(shadows)
-    torch._foreach_lerp_(shadows, ends, weight)
+        return weight.to(like.device, like.dtype, non_blocking=True)
+    return weight
+
+
+def _foreach_lerp_(shadows: list[Tensor], ends: list[Tensor], weight: Weight) -> None:
+    # A 0-dim tensor weight goes in as a list: the Scalar overload would read it on the host.
+    weight = _weight_for(weight, shadows[0])
+    torch._foreach_lerp_(shadows, ends, [weight] * len(shadows) if isinstance(weight, Tensor) else weight)
 
 
 def _cast_lerp_(plan: CastPlan, weight: Weight) -> None:
@@ -138,34 +144,35 @@ def _cast_lerp_(plan: CastPlan, weight: Weight) -> None:
     # scratch first (a batch at a time) and then folded in with lerp's single rounding. This
     # measured 1.1-2.4x faster on CPU than mixed-dtype mul_/add_ (benchmarks/RESULTS.md) and
     # allocates nothing per step; the scratch is at most 4 MB.
-    if isinstance(weight, Tensor):
-        weight = weight.to(plan.scratch.device, plan.scratch.dtype, non_blocking=True)
+    weight = _weight_for(weight, plan.scratch)
     for shadows, params, bufs in plan.batches:
         torch._foreach_copy_(bufs, params)
         _foreach_lerp_(shadows, bufs, weight)
-    size = plan.scratch.numel()
     for s, p in plan.large:
-        if flat(p) is None or not same_layout(s, p):  # rare: a large param with gaps; one cast of it
-            s.lerp_(p.to(s.dtype), weight)
-            continue
-        for s_piece, p_piece in zip(pieces(s, size), pieces(p, size)):
-            buf = plan.scratch.narrow(0, 0, p_piece.numel())
-            buf.copy_(p_piece)
-            s_piece.lerp_(buf, weight)
+        _lerp_in_pieces_(s, p, weight, plan.scratch)
 
 
 def _lerp_offloaded_(g: Group, weight: Weight) -> None:
-    # Shadows on another device than their params (ema_device="cpu"): bring each param
-    # over in pieces so that the temporary stays small, then lerp there.
-    if isinstance(weight, Tensor):
-        weight = weight.to(g.shadows[0].device, g.shadows[0].dtype)
+    # Shadows on another device than their params (ema_device="cpu").
+    weight = _weight_for(weight, g.shadows[0])
     for s, p in zip(g.shadows, g.params):
-        if flat(p) is None or not same_layout(s, p):  # rare: a param with gaps; one copy of it
-            s.lerp_(p.to(s.device, s.dtype), weight)
-            continue
-        for s_part, p_part in zip(pieces(s), pieces(p)):
-            moved = p_part.to(device=s_part.device, dtype=s_part.dtype)
-            s_part.lerp_(moved, weight)
+        _lerp_in_pieces_(s, p, weight)
+
+
+def _lerp_in_pieces_(s: Tensor, p: Tensor, weight: Weight, scratch: Optional[Tensor] = None) -> None:
+    """Lerp a shadow toward a param of another dtype or device, one piece at a time: each piece
+    of the param goes through ``scratch`` (or a piece-sized temporary), so memory stays small."""
+    if flat(p) is None or not same_layout(s, p):  # rare: a param with gaps; one copy of it
+        s.lerp_(p.to(s.device, s.dtype), weight)
+        return
+    size = scratch.numel() if scratch is not None else None
+    for s_piece, p_piece in zip(pieces(s, size), pieces(p, size)):
+        if scratch is None:
+            moved = p_piece.to(s_piece.device, s_piece.dtype)
+        else:
+            moved = scratch.narrow(0, 0, p_piece.numel())
+            moved.copy_(p_piece)
+        s_piece.lerp_(moved, weight)
 
 
 def flat(t: Tensor) -> Optional[Tensor]:
