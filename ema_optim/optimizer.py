@@ -18,8 +18,8 @@ from . import _kernels
 
 __all__ = ["EMAOptimizer"]
 
-# Per-param state key of the shadow, and the counters saved in every param group of
-# state_dict(): optimizer steps seen (n), EMA updates folded in (t), product of the decays.
+# Per-param state key of the shadow, and the counters kept in the param groups that have
+# shadows: optimizer steps seen (n), EMA updates folded in (t), product of the decays.
 EMA = "ema"
 STEPS = "ema_steps"
 UPDATES = "ema_updates"
@@ -165,6 +165,8 @@ class EMAOptimizer(Optimizer):
         self._needs_init = True  # some EMA params may lack a shadow
         self._bare: list[Tensor] = []  # params whose state holds the shadow only (see _hide_bare)
         self._swapped: Optional[list[_Swapped]] = None  # inside swap_ema_weights(): what was swapped
+        self._marked: Optional[list[dict]] = None  # the param groups that show the counters
+        self._publish_counters()
 
     # ------------------------------------------------------------------ inner optimizer surface
 
@@ -191,6 +193,8 @@ class EMAOptimizer(Optimizer):
         self.optimizer.add_param_group(param_group)
         self._groups = None
         self._needs_init = True
+        self._marked = None
+        self._publish_counters()
 
     def __repr__(self) -> str:
         decay = getattr(self.decay, "__qualname__", None) or repr(self.decay)
@@ -203,12 +207,14 @@ class EMAOptimizer(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # Like Optimizer.__getstate__, leave out what is tied to this instance: an LR
         # scheduler's patched `step` (it refers to this object), hooks and caches.
-        skip = {"step", "_opt_called", "_groups", "_weight_tensor"}
+        skip = {"step", "_opt_called", "_groups", "_weight_tensor", "_marked"}
         return {k: v for k, v in self.__dict__.items() if k not in skip and "_hooks" not in k}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         swapped = state.pop("_swapped", None)
-        super().__setstate__({**state, "_swapped": swapped, "_groups": None, "_weight_tensor": None})
+        super().__setstate__(
+            {**state, "_swapped": swapped, "_groups": None, "_weight_tensor": None, "_marked": None}
+        )
         if swapped:  # a copy taken inside swap_ema_weights(): give it its training weights back
             self._swap_out()
 
@@ -280,6 +286,25 @@ class EMAOptimizer(Optimizer):
     @torch.compiler.disable
     def _commit(self) -> None:
         self._steps, self._updates, self._decay_prod = self._next_counters
+        self._publish_counters()
+
+    def _publish_counters(self) -> None:
+        """Show the counters in the live param groups, where :meth:`state_dict` saves them.
+
+        They are a mirror (the optimizer keeps its own): loaders that rebuild each group from
+        the keys of the live groups, such as DCP with ``flatten_optimizer_state_dict=True``,
+        then find them. The groups that show them are those whose params have shadows (every
+        group while none has any); a group added since the last step has no shadows yet.
+        """
+        if self._marked is None:
+            has = [any(EMA in self.state.get(p, ()) for p in g["params"]) for g in self.param_groups]
+            self._marked = [g for g, h in zip(self.param_groups, has) if h or not any(has)]
+            for g, h in zip(self.param_groups, has):
+                if not (h or not any(has)):
+                    for key in COUNTERS:
+                        g.pop(key, None)
+        for g in self._marked:
+            g[STEPS], g[UPDATES], g[DECAY_PROD] = self._steps, self._updates, self._decay_prod
 
     def _decay_at(self, t: int) -> float:
         if not callable(self.decay):
@@ -377,6 +402,7 @@ class EMAOptimizer(Optimizer):
             self.state[p][EMA] = shadow
         self._needs_init = False
         self._groups = None
+        self._marked = None
         self._find_bare()
 
     def _ema_groups(self) -> list[_kernels.Group]:
@@ -520,14 +546,11 @@ class EMAOptimizer(Optimizer):
     def _state_dict(self) -> dict[str, Any]:
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        sd = self.optimizer.state_dict()  # the inner's own layout and hooks; "ema" is in the shared state
-        counters = {STEPS: self._steps, UPDATES: self._updates, DECAY_PROD: self._decay_prod}
-        has_shadows = [any(EMA in self.state.get(p, ()) for p in g["params"]) for g in self.param_groups]
-        for saved, marked in zip(sd["param_groups"], has_shadows):
-            # The counters mark the groups whose params have shadows (every group while none
-            # has any): a group added since the last step has no shadows yet, and no counters.
-            if marked or not any(has_shadows):
-                saved.update(counters)
+        # The inner's own layout and hooks: "ema" is in the shared state, the counters in the
+        # shared param groups (refreshed here in case a group's copy of them was edited).
+        self._marked = None
+        self._publish_counters()
+        sd = self.optimizer.state_dict()
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
             if result is not None:
@@ -601,6 +624,8 @@ class EMAOptimizer(Optimizer):
         self._steps, self._updates, self._decay_prod = counters
         self._groups = None
         self._needs_init = True
+        self._marked = None
+        self._publish_counters()
         self._find_bare()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

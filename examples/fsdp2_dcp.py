@@ -74,14 +74,16 @@ def load_checkpoint(model, opt, path: str) -> None:
     restarts from the loaded weights at the next step, with a UserWarning, as
     ``opt.load_state_dict`` does for a plain state dict.
     """
-    # DCP loads *into* a template and raises CheckpointException for template keys that the
-    # checkpoint lacks; the wrapper's template has "ema" keys, the inner optimizer's has not.
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    # DCP loads *into* this template and raises CheckpointException for template keys that
+    # the checkpoint lacks: without shadows in the checkpoint, drop the EMA keys from it.
     keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    has_ema = any(k.startswith("optim.state.") and k.endswith(".ema") for k in keys)
-    state = {
-        "model": get_model_state_dict(model),
-        "optim": get_optimizer_state_dict(model, opt if has_ema else opt.optimizer),
-    }
+    if not any(k.startswith("optim.state.") and k.endswith(".ema") for k in keys):
+        for param_state in state["optim"]["state"].values():
+            param_state.pop("ema", None)
+        for group in state["optim"]["param_groups"]:
+            for counter in ("ema_steps", "ema_updates", "ema_decay_prod"):
+                group.pop(counter, None)
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"])
     # set_optimizer_state_dict drops the state of params with requires_grad=False, but

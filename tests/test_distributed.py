@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import math
 import os
 import socket
 import subprocess
@@ -491,7 +492,10 @@ def test_dcp_frozen_params_keep_their_shadows(tmp_path):
 COUNTER_KEYS = ("ema_steps", "ema_updates", "ema_decay_prod")
 
 
-def flat_round_trip(tmp: Path, workaround: bool) -> None:
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dcp_flattened_optimizer_state_dict(tmp_path):
+    # torchtitan's setting: set_optimizer_state_dict rebuilds each param group from the keys of
+    # the live groups, so the counters must be live keys too.
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -513,40 +517,19 @@ def flat_round_trip(tmp: Path, workaround: bool) -> None:
     train(model, opt, range(N))
     sd = state(model, opt)
     assert {f"param_groups.0.weight.{k}" for k in COUNTER_KEYS} <= sd["optim"].keys()
-    dcp.save(sd, checkpoint_id=str(tmp / "flat"))
+    dcp.save(sd, checkpoint_id=str(tmp_path / "flat"))
     saved = copy.deepcopy(snapshot(model, opt))
     train(model, opt, range(N, 2 * N))
 
     resumed, opt_resumed = new_run()
     sd = state(resumed, opt_resumed)
-    dcp.load(sd, checkpoint_id=str(tmp / "flat"))
+    dcp.load(sd, checkpoint_id=str(tmp_path / "flat"))
     set_model_state_dict(resumed, sd["model"], options=options)
-    if workaround:
-        # set_optimizer_state_dict rebuilds the param groups from the keys of the live ones,
-        # where the EMA counters are not: name them there for the load (it removes them again).
-        for group in opt_resumed.param_groups:
-            group.update(dict.fromkeys(COUNTER_KEYS))
     set_optimizer_state_dict(resumed, opt_resumed, sd["optim"], options=options)
-    assert COUNTER_KEYS[0] not in opt_resumed.param_groups[0]
+    assert [opt_resumed.param_groups[0][k] for k in COUNTER_KEYS] == [N, N, math.prod([DECAY] * N)]
     assert_same(snapshot(resumed, opt_resumed), saved, "flattened load")
     train(resumed, opt_resumed, range(N, 2 * N))
     assert_same(snapshot(resumed, opt_resumed), snapshot(model, opt), "flattened resume")
-
-
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_dcp_flattened_optimizer_state_dict_with_workaround(tmp_path):
-    flat_round_trip(tmp_path, workaround=True)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="known limitation: with flatten_optimizer_state_dict=True, set_optimizer_state_dict drops the "
-    "EMA counters (they are not keys of the live param groups); see docs/distributed.md",
-)
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_dcp_flattened_optimizer_state_dict(tmp_path):
-    flat_round_trip(tmp_path, workaround=False)
 
 
 # ------------------------------------------------------------------------------------ ema_device="cpu"

@@ -460,3 +460,52 @@ def test_counters_survive_when_no_group_has_shadows_yet():
         warnings.simplefilter("error")
         opt2.load_state_dict(sd)
     assert opt2._steps == 3
+
+
+COUNTERS = ("ema_steps", "ema_updates", "ema_decay_prod")
+
+
+def live_counters(opt):
+    return [tuple(g[k] for k in COUNTERS) if COUNTERS[0] in g else None for g in opt.param_groups]
+
+
+def test_counters_are_live_in_the_param_groups_that_have_shadows():
+    # Loaders that rebuild groups from the live keys (DCP with flatten_optimizer_state_dict)
+    # need them there; they mirror exactly what state_dict() saves.
+    a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    inner = torch.optim.SGD([{"params": [a]}, {"params": [b], "ema": False}], lr=1.0)
+    opt = EMAOptimizer(inner, decay=0.5, bias_correction=True)
+    assert live_counters(opt) == [(0, 0, 1.0), (0, 0, 1.0)]  # no shadows anywhere yet: every group
+    for p in (a, b):
+        p.grad = torch.ones(2)
+    opt.step()
+    opt.step()
+    assert live_counters(opt) == [(2, 2, 0.25), None]
+    opt.add_param_group({"params": [c]})  # no shadows until the next step, so no counters
+    assert live_counters(opt) == [(2, 2, 0.25), None, None]
+    assert [COUNTERS[0] in g for g in opt.state_dict()["param_groups"]] == [True, False, False]
+    c.grad = torch.ones(2)
+    opt.step()
+    assert live_counters(opt) == [(3, 3, 0.125), None, (3, 3, 0.125)]
+
+    # A mirror: editing it changes neither the EMA nor what state_dict() saves.
+    opt.param_groups[0]["ema_updates"] = 99
+    assert opt.state_dict()["param_groups"][0]["ema_updates"] == 3
+    assert live_counters(opt)[0] == (3, 3, 0.125)
+
+    # Loading brings the saved counters into the live groups; a plain dict resets them.
+    sd = roundtrip(opt.state_dict())
+    a2, b2, c2 = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    opt2 = EMAOptimizer(
+        torch.optim.SGD([{"params": [a2]}, {"params": [b2], "ema": False}], lr=1.0), decay=0.5
+    )
+    opt2.add_param_group({"params": [c2]})
+    opt2.load_state_dict(sd)
+    assert live_counters(opt2) == [(3, 3, 0.125), None, (3, 3, 0.125)]
+    with pytest.warns(UserWarning, match="without EMA shadows"):
+        opt2.load_state_dict({"state": {}, **_plain_groups(sd)})
+    assert live_counters(opt2) == [(0, 0, 1.0)] * 3
+
+
+def _plain_groups(sd):
+    return {"param_groups": [{k: v for k, v in g.items() if k not in COUNTERS} for g in sd["param_groups"]]}
