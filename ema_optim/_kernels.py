@@ -39,10 +39,13 @@ class Group(NamedTuple):
 
     shadows: list[Tensor]
     params: list[Tensor]
-    same_device: bool
     # Shadow dtype differs from the param dtype (e.g. fp32 shadows of bf16 params), on one
     # device: how the params go through the cast scratch.
     casts: Optional[CastPlan] = None
+    # Shadows offloaded to another device (ema_device="cpu"): the same shadows paired with
+    # staging buffers on their device, which take the params' values before each update
+    # (see _offload.py). The kernels below never see such a group, only its staged form.
+    staged: Optional[Group] = None
 
 
 class CastPlan(NamedTuple):
@@ -68,11 +71,39 @@ def group_pairs(shadows: Sequence[Tensor], params: Sequence[Tensor]) -> list[Gro
         bucket[0].append(s)
         bucket[1].append(p)
     groups = []
-    for key, (ss, ps) in buckets.items():
-        same_device = key[0] == key[2]
-        casts = plan_casts(ss, ps) if key[1] != key[3] and same_device else None
-        groups.append(Group(ss, ps, same_device, casts))
+    for (s_device, s_dtype, p_device, p_dtype), (ss, ps) in buckets.items():
+        if offloaded(s_device, p_device):
+            groups.append(Group(ss, ps, staged=_staging_group(ss, ps)))
+        else:
+            groups.append(Group(ss, ps, casts=plan_casts(ss, ps) if s_dtype != p_dtype else None))
     return groups
+
+
+def offloaded(shadow_device: torch.device, param_device: torch.device) -> bool:
+    """Whether such pairs take the offload pipeline (the tests force it on CPU-only machines)."""
+    return shadow_device != param_device
+
+
+def _staging_group(shadows: list[Tensor], params: list[Tensor]) -> Group:
+    """The shadows paired with one staging buffer per param on the shadows' device, in the
+    param's dtype and memory layout; pinned when CUDA is there, so the copies are asynchronous."""
+    pin = torch.cuda.is_available() and shadows[0].device.type == "cpu"
+    bufs = [
+        torch.empty_strided(
+            p.shape,
+            p.stride() if flat(p) is not None else _contiguous_strides(p),
+            dtype=p.dtype,
+            device=s.device,
+            pin_memory=pin,
+        )
+        for s, p in zip(shadows, params)
+    ]
+    casts = plan_casts(shadows, bufs) if shadows[0].dtype != bufs[0].dtype else None
+    return Group(shadows, bufs, casts=casts)
+
+
+def _contiguous_strides(t: Tensor) -> tuple[int, ...]:
+    return torch.empty(t.shape, device="meta").stride()
 
 
 def plan_casts(shadows: list[Tensor], params: list[Tensor]) -> CastPlan:
@@ -102,11 +133,7 @@ def plan_casts(shadows: list[Tensor], params: list[Tensor]) -> CastPlan:
 def copy_(groups: Sequence[Group]) -> None:
     """``ema <- weight`` for every pair."""
     for g in groups:
-        if g.same_device:
-            torch._foreach_copy_(g.shadows, g.params)
-        else:  # offloaded shadows: one tensor in flight at a time
-            for s, p in zip(g.shadows, g.params):
-                s.copy_(p)
+        torch._foreach_copy_(g.shadows, g.params)
 
 
 def lerp_(groups: Sequence[Group], weight: Weight) -> None:
@@ -118,9 +145,7 @@ def lerp_(groups: Sequence[Group], weight: Weight) -> None:
     ``found_inf``); neither form syncs.
     """
     for g in groups:
-        if not g.same_device:
-            _lerp_offloaded_(g, weight)
-        elif g.casts is not None:
+        if g.casts is not None:
             _cast_lerp_(g.casts, weight)
         else:
             _foreach_lerp_(g.shadows, g.params, weight)
@@ -152,26 +177,15 @@ def _cast_lerp_(plan: CastPlan, weight: Weight) -> None:
         _lerp_in_pieces_(s, p, weight, plan.scratch)
 
 
-def _lerp_offloaded_(g: Group, weight: Weight) -> None:
-    # Shadows on another device than their params (ema_device="cpu").
-    weight = _weight_for(weight, g.shadows[0])
-    for s, p in zip(g.shadows, g.params):
-        _lerp_in_pieces_(s, p, weight)
-
-
-def _lerp_in_pieces_(s: Tensor, p: Tensor, weight: Weight, scratch: Optional[Tensor] = None) -> None:
-    """Lerp a shadow toward a param of another dtype or device, one piece at a time: each piece
-    of the param goes through ``scratch`` (or a piece-sized temporary), so memory stays small."""
+def _lerp_in_pieces_(s: Tensor, p: Tensor, weight: Weight, scratch: Tensor) -> None:
+    """Lerp a shadow toward a param of another dtype, one piece at a time through ``scratch``."""
     if flat(p) is None or not same_layout(s, p):  # rare: a param with gaps; one copy of it
-        s.lerp_(p.to(s.device, s.dtype), weight)
+        s.lerp_(p.to(s.dtype), weight)
         return
-    size = scratch.numel() if scratch is not None else None
+    size = scratch.numel()
     for s_piece, p_piece in zip(pieces(s, size), pieces(p, size)):
-        if scratch is None:
-            moved = p_piece.to(s_piece.device, s_piece.dtype)
-        else:
-            moved = scratch.narrow(0, 0, p_piece.numel())
-            moved.copy_(p_piece)
+        moved = scratch.narrow(0, 0, p_piece.numel())
+        moved.copy_(p_piece)
         s_piece.lerp_(moved, weight)
 
 

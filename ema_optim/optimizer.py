@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _kernels
+from . import _kernels, _offload
 
 __all__ = ["EMAOptimizer"]
 
@@ -166,6 +166,7 @@ class EMAOptimizer(Optimizer):
         self._bare: list[Tensor] = []  # params whose state holds the shadow only (see _hide_bare)
         self._swapped: Optional[list[_Swapped]] = None  # inside swap_ema_weights(): what was swapped
         self._marked: Optional[list[dict]] = None  # the param groups that show the counters
+        self._offload = _offload.Offload()  # the update in flight for offloaded shadows
         self._publish_counters()
 
     # ------------------------------------------------------------------ inner optimizer surface
@@ -207,13 +208,21 @@ class EMAOptimizer(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # Like Optimizer.__getstate__, leave out what is tied to this instance: an LR
         # scheduler's patched `step` (it refers to this object), hooks and caches.
-        skip = {"step", "_opt_called", "_groups", "_weight_tensor", "_marked"}
+        self._offload.wait()
+        skip = {"step", "_opt_called", "_groups", "_weight_tensor", "_marked", "_offload"}
         return {k: v for k, v in self.__dict__.items() if k not in skip and "_hooks" not in k}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         swapped = state.pop("_swapped", None)
         super().__setstate__(
-            {**state, "_swapped": swapped, "_groups": None, "_weight_tensor": None, "_marked": None}
+            {
+                **state,
+                "_swapped": swapped,
+                "_groups": None,
+                "_weight_tensor": None,
+                "_marked": None,
+                "_offload": _offload.Offload(),
+            }
         )
         if swapped:  # a copy taken inside swap_ema_weights(): give it its training weights back
             self._swap_out()
@@ -243,6 +252,8 @@ class EMAOptimizer(Optimizer):
         if forwarded:  # GradScaler with a scale-aware inner optimizer
             self.optimizer.grad_scale = self.grad_scale
             self.optimizer.found_inf = found_inf
+        if self.ema_device is not None:  # the last update's copies must be done before params change
+            self._offload.fence()
         try:
             loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         finally:
@@ -326,18 +337,28 @@ class EMAOptimizer(Optimizer):
         groups = self._ema_groups()
         if not groups:
             return
+        if self.ema_device is not None:
+            self._offload.wait()  # the previous update of offloaded shadows is done
+        weight: Optional[_kernels.Weight]
         if found_inf is not None:
             # A skipped (inf/NaN) step is only known on the device: weight it to zero there.
             # (computed where found_inf lives; each group takes it to its own device)
             keep = 1.0 - found_inf.to(torch.float64).reshape(())
             weight = keep if action == "copy" else keep * self._weight_as_tensor(keep.device)
-            _kernels.lerp_(groups, weight)
         elif action == "copy":
-            _kernels.copy_(groups)
+            weight = None
         elif torch.compiler.is_compiling():
-            _kernels.lerp_(groups, self._weight_as_tensor(groups[0].shadows[0].device))
+            weight = self._weight_as_tensor(groups[0].shadows[0].device)
         else:  # eager: a Python float is a kernel argument, the fastest form and sync-free
-            _kernels.lerp_(groups, self._weight)
+            weight = self._weight
+        here = [g for g in groups if g.staged is None]
+        if weight is None:
+            _kernels.copy_(here)
+        else:
+            _kernels.lerp_(here, weight)
+        offloaded = [g for g in groups if g.staged is not None]
+        if offloaded:  # ema_device: in the background, behind the next step (see _offload.py)
+            self._offload.launch(offloaded, weight)
 
     @torch.compiler.disable
     def _weight_as_tensor(self, device: torch.device) -> Tensor:
@@ -488,6 +509,7 @@ class EMAOptimizer(Optimizer):
         # Each pair is recorded before it is touched, with how many of its pieces are done,
         # so that _swap_out can undo exactly what was done if anything fails half-way.
         self._swapped = swapped = []
+        self._offload.wait()
         pairs = [(p, self.state[p][EMA]) for p in self._ema_params() if EMA in self.state.get(p, ())]
         methods = [_kernels.swap_method(s, p) for p, s in pairs]
         packs = [(s, m) for (_, s), m in zip(pairs, methods) if m.startswith("pack")]
@@ -528,6 +550,7 @@ class EMAOptimizer(Optimizer):
         dtype); the EMA counters are plain ints/floats in each param group that has
         shadows. Inside ``swap_ema_weights()`` the same values are returned (as copies).
         """
+        self._offload.wait()
         if self._swapped is None:
             return self._state_dict()
         swapped = self._swapped
@@ -576,6 +599,7 @@ class EMAOptimizer(Optimizer):
             raise RuntimeError(
                 "load_state_dict() cannot run inside swap_ema_weights(); leave the block first"
             )
+        self._offload.wait()
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         state_dict = dict(state_dict)

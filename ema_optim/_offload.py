@@ -1,0 +1,110 @@
+"""``ema_device="cpu"``: the update of offloaded shadows runs behind the next training step.
+
+After the inner step of step k, each offloaded group's params are copied into host staging
+buffers (pinned, in the params' dtype) on a side CUDA stream that first waits for the
+training stream, so the copies see step k's weights. A background thread waits for those
+copies and then folds the staged values into the shadows with the CPU foreach kernels. The
+training stream never waits on the host. At step k+1, before the inner step changes the
+params, the training stream waits *on the device* for the copies (they are long done by then,
+behind the forward and backward passes).
+
+When the shadows are consistent: everything that reads or writes them (the next update,
+``swap_ema_weights()``, ``state_dict()``, ``load_state_dict()``, copy and pickle) first waits
+on the host for the pending update. Without CUDA the copies are plain synchronous copies and
+only the fold runs in the background.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _kernels
+from ._kernels import Group, Weight
+
+
+class Offload:
+    """The update in flight for the offloaded groups of one optimizer (at most one)."""
+
+    def __init__(self) -> None:
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._pending: Optional[Future] = None
+        self._copies: list[tuple[torch.device, torch.cuda.Event]] = []  # for the next step to wait on
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    @torch.compiler.disable
+    def launch(self, groups: list[Group], weight: Optional[Weight]) -> None:
+        """Stage the params of ``groups`` now and fold them into the shadows in the background:
+        ``lerp_`` with ``weight``, or ``copy_`` when ``weight`` is None."""
+        self.wait()
+        events: list[torch.cuda.Event] = []
+        for g in groups:
+            self._stage(g.params, g.staged.params, events)
+        if isinstance(weight, Tensor):  # its own copy: the caller may refill its tensor later
+            host = torch.empty((), dtype=weight.dtype, pin_memory=weight.is_cuda)
+            self._stage([weight], [host], events, temporary=True)
+            weight = host
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ema_optim")
+        self._pending = self._executor.submit(_fold, [g.staged for g in groups], events, weight)
+
+    def _stage(
+        self,
+        sources: list[Tensor],
+        bufs: list[Tensor],
+        events: list[torch.cuda.Event],
+        temporary: bool = False,
+    ) -> None:
+        device = sources[0].device
+        if device.type != "cuda":
+            for b, t in zip(bufs, sources):
+                b.copy_(t)
+            return
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))  # see this step's values
+        with torch.cuda.stream(stream):
+            for b, t in zip(bufs, sources):
+                b.copy_(t, non_blocking=True)
+                if temporary:  # made on the training stream: keep its memory until copied
+                    t.record_stream(stream)
+            done = torch.cuda.Event()
+            done.record(stream)
+        events.append(done)
+        self._copies.append((device, done))
+
+    @torch.compiler.disable
+    def fence(self) -> None:
+        """Make the training streams wait (on the device, not the host) for the staging copies
+        of the pending update, before anything changes the params."""
+        copies, self._copies = self._copies, []
+        for device, done in copies:
+            torch.cuda.current_stream(device).wait_event(done)
+
+    @torch.compiler.disable
+    def wait(self) -> None:
+        """Block until the pending update is folded in; re-raise its error, if any."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except Exception as e:
+            raise RuntimeError(
+                "the background update of the offloaded EMA shadows (ema_device) failed; "
+                "the shadows may be partly updated"
+            ) from e
+
+
+def _fold(groups: list[Group], events: list[torch.cuda.Event], weight: Optional[Weight]) -> None:
+    for done in events:
+        done.synchronize()  # blocks this thread only
+    with torch.no_grad():
+        if weight is None:
+            _kernels.copy_(groups)
+        else:
+            _kernels.lerp_(groups, weight)

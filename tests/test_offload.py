@@ -1,0 +1,216 @@
+"""ema_device="cpu": the background update of offloaded shadows (ema_optim/_offload.py).
+
+These machines have no GPU, so the shadows and params share the CPU and the optimizer would
+update in place. The tests force the offload pipeline (staging copy, background fold, waits)
+on CPU tensors; only the CUDA side stream and events are not exercised here.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from ema_optim import EMAOptimizer, _kernels, _offload, schedules
+
+from .reference import reference_shadows
+
+
+@pytest.fixture
+def force_offload(monkeypatch):
+    monkeypatch.setattr(_kernels, "offloaded", lambda shadow_device, param_device: True)
+
+
+@pytest.fixture
+def gate(monkeypatch):
+    """While the gate is closed (``gate.clear()``), background folds wait until it opens."""
+    opened = threading.Event()
+    opened.set()
+    fold = _offload._fold
+
+    def held(*args):
+        assert opened.wait(timeout=30), "the gate was never opened"
+        fold(*args)
+
+    monkeypatch.setattr(_offload, "_fold", held)
+    yield opened
+    opened.set()
+
+
+def make(dtype=torch.float32, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
+    inner = torch.optim.AdamW(model.parameters(), lr=0.05, **kwargs.pop("inner", {}))
+    return model, EMAOptimizer(inner, **kwargs)
+
+
+def train(model, opt, steps, seed=1, history=None):
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    for _ in range(steps):
+        x = torch.randn(8, 5, generator=g).to(dtype)
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if history is not None:
+            history.append([p.detach().double().clone() for p in model.parameters()])
+
+
+def shadows(opt, model):
+    sd = opt.state_dict()  # waits for the pending update
+    return [sd["state"][i]["ema"] for i in range(len(list(model.parameters())))]
+
+
+CONFIGS = {
+    "fp32-schedule-bias": (torch.float32, dict(decay=schedules.warmup(0.95), bias_correction=True)),
+    "fp32-after-every": (torch.float32, dict(decay=0.8, update_after_step=2, update_every=2)),
+    "bf16-fp32-shadows": (torch.bfloat16, dict(decay=0.9)),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_offloaded_shadows_equal_on_device_bitwise(name, monkeypatch):
+    dtype, kwargs = CONFIGS[name]
+    model, opt = make(dtype, **kwargs)
+    initial = [p.detach().double().clone() for p in model.parameters()]
+    history = []
+    train(model, opt, 7, history=history)
+    expected = shadows(opt, model)
+
+    monkeypatch.setattr(_kernels, "offloaded", lambda shadow_device, param_device: True)
+    model_o, opt_o = make(dtype, ema_device="cpu", **kwargs)
+    train(model_o, opt_o, 7)
+    assert all(g.staged is not None for g in opt_o._ema_groups()), "the offload pipeline must be used"
+    got = shadows(opt_o, model_o)
+    for e, g in zip(expected, got):
+        assert g.dtype == e.dtype == torch.float32
+        assert torch.equal(g, e)
+    # and both follow the float64 reference
+    for i, e in enumerate(expected):
+        ref = reference_shadows(initial[i], [h[i] for h in history], **kwargs)[-1]
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(e.double(), ref, rtol=tol, atol=tol)
+
+
+def test_step_returns_while_the_fold_is_pending_and_readers_wait(force_offload, gate):
+    model, opt = make(decay=0.7)
+    reference_model, reference = make(decay=0.7)
+    train(reference_model, reference, 2)
+    train(reference_model, reference, 1, seed=2)
+    expected = shadows(reference, reference_model)
+
+    train(model, opt, 2)
+    opt._offload.wait()  # the earlier folds are done; hold the next one
+    gate.clear()
+    train(model, opt, 1, seed=2)  # returns with the update of step 3 held behind the gate
+    pending = opt._offload._pending
+    assert pending is not None and not pending.done()
+    # what a reader that does not wait would see: step 2's shadows
+    assert not any(torch.equal(opt.state[p]["ema"], e) for p, e in zip(model.parameters(), expected))
+
+    threading.Timer(0.2, gate.set).start()
+    got = shadows(opt, model)  # state_dict() waits for the fold
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+@pytest.mark.parametrize("reader", ["swap", "deepcopy", "pickle", "load_state_dict", "next_step"])
+def test_every_reader_waits_for_the_pending_update(force_offload, gate, reader):
+    model, opt = make(decay=0.6)
+    reference_model, reference = make(decay=0.6)
+    train(reference_model, reference, 1)
+    train(reference_model, reference, 1, seed=2)
+    expected = shadows(reference, reference_model)
+    train(model, opt, 1)
+    opt._offload.wait()  # the earlier folds are done; hold the next one
+    gate.clear()
+    train(model, opt, 1, seed=2)
+    assert not opt._offload._pending.done()
+    threading.Timer(0.2, gate.set).start()
+    if reader == "swap":
+        with opt.swap_ema_weights():
+            got = [p.detach().clone() for p in model.parameters()]
+    elif reader in ("deepcopy", "pickle"):
+        clone = copy.deepcopy(opt) if reader == "deepcopy" else pickle.loads(pickle.dumps(opt))
+        got = [clone.state[p]["ema"] for p in clone.param_groups[0]["params"]]
+        train(model, opt, 1)  # the original goes on; the copy has its own pipeline
+        assert clone._offload is not opt._offload
+    elif reader == "load_state_dict":
+        opt.load_state_dict(reference.state_dict())  # must not race with the fold into the old shadows
+        got = shadows(opt, model)
+    else:
+        train(reference_model, reference, 1, seed=3)
+        train(model, opt, 1, seed=3)
+        expected = shadows(reference, reference_model)
+        got = shadows(opt, model)
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+def test_a_failed_fold_is_reported_at_the_next_wait(force_offload, monkeypatch):
+    model, opt = make(decay=0.5)
+    train(model, opt, 1)
+
+    def broken(*args):
+        raise MemoryError("no host memory")
+
+    monkeypatch.setattr(_offload, "_fold", broken)
+    train(model, opt, 1)  # the failure happens in the background: step() itself succeeds
+    with pytest.raises(RuntimeError, match="background update of the offloaded EMA shadows") as info:
+        opt.state_dict()
+    assert isinstance(info.value.__cause__, MemoryError)
+    monkeypatch.undo()
+    monkeypatch.setattr(_kernels, "offloaded", lambda shadow_device, param_device: True)
+    train(model, opt, 1)  # reported once; the optimizer goes on
+    opt.state_dict()
+
+
+def test_gradscaler_skip_and_tensor_weight_through_the_offload(monkeypatch):
+    # A scale-aware fused inner optimizer: the skip is known on the device only, so the
+    # weight is a tensor; the background fold must use this step's value.
+    def run(offload):
+        if offload:
+            monkeypatch.setattr(_kernels, "offloaded", lambda shadow_device, param_device: True)
+        model, opt = make(decay=0.75, inner={"fused": True}, ema_device="cpu" if offload else None)
+        assert opt._step_supports_amp_scaling
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        g = torch.Generator().manual_seed(3)
+        for i in range(5):
+            x = torch.randn(8, 5, generator=g)
+            scaler.scale(model(x).pow(2).mean()).backward()
+            if i == 2:
+                model[0].weight.grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+        monkeypatch.undo()
+        return shadows(opt, model)
+
+    on_device, offloaded = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(on_device, offloaded))
+
+
+def test_without_offload_nothing_runs_in_the_background():
+    model, opt = make(decay=0.5, ema_device="cpu")  # CPU params: the shadows are already there
+    train(model, opt, 2)
+    assert all(g.staged is None for g in opt._ema_groups())
+    assert opt._offload._pending is None
+
+
+def test_compiled_step_with_offload_equals_compiled_on_device(monkeypatch):
+    def run(offload):
+        if offload:
+            monkeypatch.setattr(_kernels, "offloaded", lambda shadow_device, param_device: True)
+        model, opt = make(decay=schedules.warmup(0.9), ema_device="cpu" if offload else None)
+        step = torch.compile(opt.step, backend="aot_eager")
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            model(torch.randn(8, 5, generator=g)).pow(2).mean().backward()
+            step()
+            opt.zero_grad()
+        monkeypatch.undo()
+        return shadows(opt, model)
+
+    assert all(torch.equal(a, b) for a, b in zip(run(False), run(True)))
