@@ -65,9 +65,14 @@ class EMAOptimizer(Optimizer):
         bias_correction: debias the average as if it had started from zero.
         ema_dtype: shadow dtype. ``None``: float32 for bfloat16/float16 params, else the
             param dtype (so bf16 models average in fp32 without losing small updates).
-        ema_device: where shadows live. ``None``: with each param; ``"cpu"``: offloaded to
-            host memory (pinned when CUDA is available); the update then brings the params
-            over in pieces of at most 1M elements, synchronously.
+        ema_device: where shadows live. ``None``: with each param. ``"cpu"``: offloaded to
+            host memory (pinned when CUDA is available). The update of step k then runs
+            behind step k+1: the params are copied into pinned host staging buffers on a
+            side CUDA stream and a background thread folds them into the shadows; the next
+            ``step()`` makes the training stream wait on the device (not the host) for those
+            copies, and :meth:`swap_ema_weights`, :meth:`state_dict`,
+            :meth:`load_state_dict` and the next update wait for the fold. Costs host memory
+            for the shadows plus one staging copy of the params in their dtype.
 
     Notes: edit a shadow in place (``opt.state[p]["ema"].copy_(...)``) or through
     ``load_state_dict``; assigning a new tensor to ``opt.state[p]["ema"]`` is not picked up.

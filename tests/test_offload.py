@@ -214,3 +214,21 @@ def test_compiled_step_with_offload_equals_compiled_on_device(monkeypatch):
         return shadows(opt, model)
 
     assert all(torch.equal(a, b) for a, b in zip(run(False), run(True)))
+
+
+def test_offload_benchmark_runs_on_cpu():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "offload.py"), "--cpu-smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "offload-sync" in result.stdout and "no claim" in result.stdout
