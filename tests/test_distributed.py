@@ -266,28 +266,40 @@ def test_fsdp2_sharded_shadows_match_reference_and_swap():
 N = 3  # steps before the checkpoint, and steps after it
 
 
-def dcp_state(model: nn.Module, opt: EMAOptimizer) -> dict:
+def dcp_options(flat: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # flatten_optimizer_state_dict=True is torchtitan's setting
+    return StateDictOptions(flatten_optimizer_state_dict=flat)
+
+
+def dcp_state(model: nn.Module, opt: EMAOptimizer, flat: bool = False) -> dict:
     """The DCP state dicts of model and optimizer (the optimizer's is the load template too)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    options = dcp_options(flat)
+    return {
+        "model": get_model_state_dict(model, options=options),
+        "optim": get_optimizer_state_dict(model, opt, options=options),
+    }
 
 
-def dcp_save(model: nn.Module, opt: EMAOptimizer, path: Path) -> None:
+def dcp_save(model: nn.Module, opt: EMAOptimizer, path: Path, flat: bool = False) -> None:
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(dcp_state(model, opt), checkpoint_id=str(path))
+    dcp.save(dcp_state(model, opt, flat), checkpoint_id=str(path))
 
 
-def dcp_load(model: nn.Module, opt: EMAOptimizer, path: Path) -> None:
+def dcp_load(model: nn.Module, opt: EMAOptimizer, path: Path, flat: bool = False) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    sd = dcp_state(model, opt)
-    check_template(sd["optim"])
+    sd = dcp_state(model, opt, flat)
+    if not flat:
+        check_template(sd["optim"])
     dcp.load(sd, checkpoint_id=str(path))
-    set_model_state_dict(model, sd["model"])
-    set_optimizer_state_dict(model, opt, sd["optim"])
+    set_model_state_dict(model, sd["model"], options=dcp_options(flat))
+    set_optimizer_state_dict(model, opt, sd["optim"], options=dcp_options(flat))
     assert opt.state is opt.optimizer.state and opt.param_groups is opt.optimizer.param_groups
 
 
@@ -349,6 +361,7 @@ def _dcp_worker(rank: int, world: int, tmp: Path) -> None:
     train(model, opt, range(N))
     assert_same(snapshot(model, opt), ref["mid"], "2 ranks vs 1 process")
     dcp_save(model, opt, tmp / "ckpt-2ranks")
+    dcp_save(model, opt, tmp / "ckpt-2ranks-flat", flat=True)
     snap = snapshot(model, opt)
     if rank == 0:
         torch.save(snap, tmp / "mid-2ranks.pt")
@@ -392,11 +405,13 @@ def test_dcp_round_trip_with_resharding(tmp_path):
     spawn(_dcp_worker, 2, tmp_path)
 
     # Saved on 2 ranks (FSDP2) -> loaded into a plain model without a process group.
-    model, opt = new_run()
-    dcp_load(model, opt, tmp_path / "ckpt-2ranks")
-    assert_same(snapshot(model, opt), torch.load(tmp_path / "mid-2ranks.pt"), "loaded without process group")
-    train(model, opt, range(N, 2 * N))
-    assert_same(snapshot(model, opt), torch.load(tmp_path / "ref.pt")["end"], "resumed without process group")
+    for flat in (False, True):
+        model, opt = new_run()
+        dcp_load(model, opt, tmp_path / ("ckpt-2ranks-flat" if flat else "ckpt-2ranks"), flat)
+        what = f"without process group, flatten_optimizer_state_dict={flat}"
+        assert_same(snapshot(model, opt), torch.load(tmp_path / "mid-2ranks.pt"), f"loaded {what}")
+        train(model, opt, range(N, 2 * N))
+        assert_same(snapshot(model, opt), torch.load(tmp_path / "ref.pt")["end"], f"resumed {what}")
 
 
 # ------------------------------------------------------------------------------------ plain inner checkpoints
