@@ -32,7 +32,9 @@ class Offload:
     def __init__(self) -> None:
         self._executor: Optional[ThreadPoolExecutor] = None
         self._pending: Optional[Future] = None
-        self._copies: list[tuple[torch.device, torch.cuda.Event]] = []  # for the next step to wait on
+        # Copies the next step must wait for, with their sources: holding these keeps a param's
+        # memory from being reused (say after ``p.data = ...``) while the side stream reads it.
+        self._copies: list[tuple[torch.device, torch.cuda.Event, list[Tensor]]] = []
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     @torch.compiler.disable
@@ -40,7 +42,7 @@ class Offload:
         """Stage the params of ``groups`` now and fold them into the shadows in the background:
         ``lerp_`` with ``weight``, or ``copy_`` when ``weight`` is None."""
         self.wait()
-        events: list[torch.cuda.Event] = []
+        events: list[tuple[torch.device, torch.cuda.Event]] = []
         for g in groups:
             self._stage(g.params, g.staged.params, events)
         if isinstance(weight, Tensor):  # its own copy: the caller may refill its tensor later
@@ -55,7 +57,7 @@ class Offload:
         self,
         sources: list[Tensor],
         bufs: list[Tensor],
-        events: list[torch.cuda.Event],
+        events: list[tuple[torch.device, torch.cuda.Event]],
         temporary: bool = False,
     ) -> None:
         device = sources[0].device
@@ -72,18 +74,20 @@ class Offload:
                 b.copy_(t, non_blocking=True)
                 if temporary:  # made on the training stream: keep its memory until copied
                     t.record_stream(stream)
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(blocking=True)  # the fold thread sleeps, not spins, on it
             done.record(stream)
-        events.append(done)
-        self._copies.append((device, done))
+        events.append((device, done))
+        self._copies.append((device, done, list(sources)))
 
     @torch.compiler.disable
     def fence(self) -> None:
-        """Make the training streams wait (on the device, not the host) for the staging copies
-        of the pending update, before anything changes the params."""
+        """Before the inner step changes the params: make the training streams wait (on the
+        device, not the host) for the staging copies of the pending update."""
         copies, self._copies = self._copies, []
-        for device, done in copies:
+        for device, done, _ in copies:
             torch.cuda.current_stream(device).wait_event(done)
+        if self._pending is not None and self._pending.done():
+            self.wait()  # a fold that failed is reported before this step changes anything
 
     @torch.compiler.disable
     def wait(self) -> None:
@@ -100,9 +104,12 @@ class Offload:
             ) from e
 
 
-def _fold(groups: list[Group], events: list[torch.cuda.Event], weight: Optional[Weight]) -> None:
-    for done in events:
-        done.synchronize()  # blocks this thread only
+def _fold(
+    groups: list[Group], events: list[tuple[torch.device, torch.cuda.Event]], weight: Optional[Weight]
+) -> None:
+    for device, done in events:
+        with torch.cuda.device(device):  # a new thread is on GPU 0: no stray context there
+            done.synchronize()  # blocks this thread only (a blocking event: no spinning)
     with torch.no_grad():
         if weight is None:
             _kernels.copy_(groups)

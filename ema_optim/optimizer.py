@@ -143,7 +143,15 @@ class EMAOptimizer(Optimizer):
                 f"ema_dtype must be a floating torch.dtype such as torch.float32, got {ema_dtype!r}"
             )
         if ema_device is not None:
-            ema_device = torch.device(ema_device)
+            try:
+                ema_device = torch.device(ema_device)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"ema_device must be None or 'cpu', got {ema_device!r}") from e
+            if ema_device.type != "cpu":
+                raise ValueError(
+                    f"ema_device must be None (shadows with their params) or 'cpu' (offloaded to host "
+                    f"memory), got {str(ema_device)!r}"
+                )
 
         # The base class sets up the hook registries and the step patch; the param groups
         # and state are then the inner optimizer's own objects, so both see every change.
@@ -249,6 +257,8 @@ class EMAOptimizer(Optimizer):
                 "step() was called inside swap_ema_weights(): the params hold the EMA weights; "
                 "leave the with-block before training"
             )
+        if self.ema_device is not None:  # the last update's copies must be done before params change
+            self._offload.fence()
         action = self._plan()
         new_shadows = self._new_shadows() if self._needs_init else {}
         hidden = self._hide_bare(everything=closure is not None)
@@ -257,8 +267,6 @@ class EMAOptimizer(Optimizer):
         if forwarded:  # GradScaler with a scale-aware inner optimizer
             self.optimizer.grad_scale = self.grad_scale
             self.optimizer.found_inf = found_inf
-        if self.ema_device is not None:  # the last update's copies must be done before params change
-            self._offload.fence()
         try:
             loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
         finally:

@@ -45,6 +45,7 @@ def make(dtype=torch.float32, seed=0, **kwargs):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
     inner = torch.optim.AdamW(model.parameters(), lr=0.05, **kwargs.pop("inner", {}))
+    kwargs.setdefault("ema_device", "cpu")  # CPU params: offloaded only where a test forces it
     return model, EMAOptimizer(inner, **kwargs)
 
 
@@ -80,6 +81,7 @@ def test_offloaded_shadows_equal_on_device_bitwise(name, monkeypatch):
     history = []
     train(model, opt, 7, history=history)
     expected = shadows(opt, model)
+    assert all(g.staged is None for g in opt._ema_groups())  # the on-device run is really on-device
 
     monkeypatch.setattr(_kernels, "offloaded", lambda shadow_device, param_device: True)
     model_o, opt_o = make(dtype, ema_device="cpu", **kwargs)
@@ -232,3 +234,26 @@ def test_offload_benchmark_runs_on_cpu():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "offload-sync" in result.stdout and "no claim" in result.stdout
+
+
+def test_a_fold_that_failed_stops_the_next_step_before_it_changes_anything(force_offload, monkeypatch):
+    from concurrent.futures import wait
+
+    model, opt = make(decay=0.5)
+    train(model, opt, 1)
+    monkeypatch.setattr(_offload, "_fold", lambda *args: 1 / 0)
+    train(model, opt, 1)
+    wait([opt._offload._pending])  # the failure is known by the time the next step starts
+    params = [p.detach().clone() for p in model.parameters()]
+    model(torch.ones(2, 5)).sum().backward()
+    with pytest.raises(RuntimeError, match="background update") as info:
+        opt.step()
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+    assert all(torch.equal(a, p) for a, p in zip(params, model.parameters()))
+    assert opt.state_dict()["param_groups"][0]["ema_steps"] == 2
+
+
+@pytest.mark.parametrize("device", ["cuda:1", "meta", "nonsense"])
+def test_ema_device_other_than_cpu_is_refused(device):
+    with pytest.raises(ValueError, match="ema_device must be None"):
+        make(ema_device=device)
