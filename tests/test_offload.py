@@ -98,17 +98,23 @@ def test_offloaded_shadows_equal_on_device_bitwise(name, monkeypatch):
         torch.testing.assert_close(e.double(), ref, rtol=tol, atol=tol)
 
 
-def test_step_returns_while_the_fold_is_pending_and_readers_wait(force_offload, gate):
-    model, opt = make(decay=0.7)
-    reference_model, reference = make(decay=0.7)
-    train(reference_model, reference, 2)
+def held_run(gate, decay, steps):
+    """A run whose last update is held behind the gate, its reference run, and the reference's
+    shadows after the same steps."""
+    model, opt = make(decay=decay)
+    reference_model, reference = make(decay=decay)
+    train(reference_model, reference, steps - 1)
     train(reference_model, reference, 1, seed=2)
     expected = shadows(reference, reference_model)
-
-    train(model, opt, 2)
+    train(model, opt, steps - 1)
     opt._offload.wait()  # the earlier folds are done; hold the next one
     gate.clear()
-    train(model, opt, 1, seed=2)  # returns with the update of step 3 held behind the gate
+    train(model, opt, 1, seed=2)  # returns with the last update held behind the gate
+    return model, opt, reference_model, reference, expected
+
+
+def test_step_returns_while_the_fold_is_pending_and_readers_wait(force_offload, gate):
+    model, opt, _, _, expected = held_run(gate, decay=0.7, steps=3)
     pending = opt._offload._pending
     assert pending is not None and not pending.done()
     # what a reader that does not wait would see: step 2's shadows
@@ -121,15 +127,7 @@ def test_step_returns_while_the_fold_is_pending_and_readers_wait(force_offload, 
 
 @pytest.mark.parametrize("reader", ["swap", "deepcopy", "pickle", "load_state_dict", "next_step"])
 def test_every_reader_waits_for_the_pending_update(force_offload, gate, reader):
-    model, opt = make(decay=0.6)
-    reference_model, reference = make(decay=0.6)
-    train(reference_model, reference, 1)
-    train(reference_model, reference, 1, seed=2)
-    expected = shadows(reference, reference_model)
-    train(model, opt, 1)
-    opt._offload.wait()  # the earlier folds are done; hold the next one
-    gate.clear()
-    train(model, opt, 1, seed=2)
+    model, opt, reference_model, reference, expected = held_run(gate, decay=0.6, steps=2)
     assert not opt._offload._pending.done()
     threading.Timer(0.2, gate.set).start()
     if reader == "swap":
