@@ -563,6 +563,9 @@ class EMAOptimizer(Optimizer):
         dtype); the EMA counters are plain ints/floats in each param group that has
         shadows. Inside ``swap_ema_weights()`` the same values are returned (as copies).
         """
+        real = _unproxied(self)
+        if real is not self:
+            return real.state_dict()
         self._offload.wait()
         if self._swapped is None:
             return self._state_dict()

@@ -278,6 +278,11 @@ def test_lightning_swap_through_self_optimizers_reaches_the_real_optimizer(tmp_p
         saved = real.state_dict()  # what a checkpoint taken inside the block would hold
         assert all(torch.equal(saved["state"][i]["ema"], s) for i, s in enumerate(ema))
     assert all(torch.equal(a, b) for a, b in zip(trained, params))
+    # the proxy's state_dict is the real one's, counters included
+    by_proxy, by_real = proxy.state_dict(), real.state_dict()
+    assert by_proxy["param_groups"] == by_real["param_groups"] and by_real["param_groups"][0]["ema_steps"] > 0
+    assert all(torch.equal(by_proxy["state"][i]["ema"], s) for i, s in enumerate(ema))
+    assert "_marked" not in proxy.__dict__
 
 
 # ---------------------------------------------------------------------------------- Accelerate
