@@ -322,11 +322,11 @@ class EMAOptimizer(Optimizer):
         """
         if self._marked is None:
             has = [any(EMA in self.state.get(p, ()) for p in g["params"]) for g in self.param_groups]
-            self._marked = [g for g, h in zip(self.param_groups, has) if h or not any(has)]
-            for g, h in zip(self.param_groups, has):
-                if not (h or not any(has)):
-                    for key in COUNTERS:
-                        g.pop(key, None)
+            shown = [h or not any(has) for h in has]
+            self._marked = [g for g, show in zip(self.param_groups, shown) if show]
+            for g in (g for g, show in zip(self.param_groups, shown) if not show):
+                for key in COUNTERS:
+                    g.pop(key, None)
         for g in self._marked:
             g[STEPS], g[UPDATES], g[DECAY_PROD] = self._steps, self._updates, self._decay_prod
 
