@@ -2,11 +2,12 @@
 
 After the inner step of step k, each offloaded group's params are copied into host staging
 buffers (pinned, in the params' dtype) on a side CUDA stream that first waits for the
-training stream, so the copies see step k's weights. A background thread waits for those
-copies and then folds the staged values into the shadows with the CPU foreach kernels. The
-training stream never waits on the host. At step k+1, before the inner step changes the
-params, the training stream waits *on the device* for the copies (they are long done by then,
-behind the forward and backward passes).
+training stream, so the copies see step k's weights; nothing waits on the host. A background
+thread waits for those copies and then folds the staged values into the shadows with the CPU
+foreach kernels, while the forward and backward passes of step k+1 run. At the start of step
+k+1, before anything changes, the host waits for that fold (it blocks only if the fold took
+longer than the forward and backward) and the training stream waits, on the device, for the
+copies (long done by then).
 
 When the shadows are consistent: everything that reads or writes them (the next update,
 ``swap_ema_weights()``, ``state_dict()``, ``load_state_dict()``, copy and pickle) first waits
@@ -36,12 +37,14 @@ class Offload:
         # memory from being reused (say after ``p.data = ...``) while the side stream reads it.
         self._copies: list[tuple[torch.device, torch.cuda.Event, list[Tensor]]] = []
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self.active = False  # launched at least once: the optimizer then calls fence() every step
 
     @torch.compiler.disable
     def launch(self, groups: list[Group], weight: Optional[Weight]) -> None:
         """Stage the params of ``groups`` now and fold them into the shadows in the background:
         ``lerp_`` with ``weight``, or ``copy_`` when ``weight`` is None."""
         self.wait()
+        self.active = True
         events: list[tuple[torch.device, torch.cuda.Event]] = []
         for g in groups:
             self._stage(g.params, g.staged.params, events)
@@ -77,17 +80,18 @@ class Offload:
             done = torch.cuda.Event(blocking=True)  # the fold thread sleeps, not spins, on it
             done.record(stream)
         events.append((device, done))
-        self._copies.append((device, done, list(sources)))
+        # detach() keeps each source's memory as it is now, even if a param gets new memory
+        self._copies.append((device, done, [t.detach() for t in sources]))
 
     @torch.compiler.disable
     def fence(self) -> None:
-        """Before the inner step changes the params: make the training streams wait (on the
-        device, not the host) for the staging copies of the pending update."""
+        """At the start of a step, before anything changes: wait for the pending fold (it ran
+        behind the forward and backward passes; a failure is raised here, so the step changes
+        nothing), and make the training streams wait, on the device, for its staging copies."""
+        self.wait()
         copies, self._copies = self._copies, []
         for device, done, _ in copies:
             torch.cuda.current_stream(device).wait_event(done)
-        if self._pending is not None and self._pending.done():
-            self.wait()  # a fold that failed is reported before this step changes anything
 
     @torch.compiler.disable
     def wait(self) -> None:

@@ -68,11 +68,11 @@ class EMAOptimizer(Optimizer):
         ema_device: where shadows live. ``None``: with each param. ``"cpu"``: offloaded to
             host memory (pinned when CUDA is available). The update of step k then runs
             behind step k+1: the params are copied into pinned host staging buffers on a
-            side CUDA stream and a background thread folds them into the shadows; the next
-            ``step()`` makes the training stream wait on the device (not the host) for those
-            copies, and :meth:`swap_ema_weights`, :meth:`state_dict`,
-            :meth:`load_state_dict` and the next update wait for the fold. Costs host memory
-            for the shadows plus one staging copy of the params in their dtype.
+            side CUDA stream and a background thread folds them into the shadows while the
+            next forward and backward run; the next ``step()``, :meth:`swap_ema_weights`,
+            :meth:`state_dict` and :meth:`load_state_dict` first wait for the fold. Costs
+            host memory for the shadows plus one staging copy of the params in their dtype
+            (pinned). See docs/distributed.md, "Offloading the shadows".
 
     Notes: edit a shadow in place (``opt.state[p]["ema"].copy_(...)``) or through
     ``load_state_dict``; assigning a new tensor to ``opt.state[p]["ema"]`` is not picked up.
@@ -257,7 +257,7 @@ class EMAOptimizer(Optimizer):
                 "step() was called inside swap_ema_weights(): the params hold the EMA weights; "
                 "leave the with-block before training"
             )
-        if self.ema_device is not None:  # the last update's copies must be done before params change
+        if self._offload.active:  # the last offloaded update must be done before params change
             self._offload.fence()
         action = self._plan()
         new_shadows = self._new_shadows() if self._needs_init else {}
@@ -310,25 +310,29 @@ class EMAOptimizer(Optimizer):
     @torch.compiler.disable
     def _commit(self) -> None:
         self._steps, self._updates, self._decay_prod = self._next_counters
-        self._publish_counters()
+        if self._marked is None:  # shadows were just made
+            self._publish_counters()
 
     def _publish_counters(self) -> None:
-        """Show the counters in the live param groups, where :meth:`state_dict` saves them.
+        """Name the counters in the live param groups where :meth:`state_dict` saves them.
 
-        They are a mirror (the optimizer keeps its own): loaders that rebuild each group from
-        the keys of the live groups, such as DCP with ``flatten_optimizer_state_dict=True``,
-        then find them. The groups that show them are those whose params have shadows (every
-        group while none has any); a group added since the last step has no shadows yet.
+        Loaders that rebuild each group from the keys of the live groups, such as DCP with
+        ``flatten_optimizer_state_dict=True``, then load them. The live values are ``None``
+        placeholders that never change: Dynamo guards param-group values one by one, so a
+        value that changed every step would recompile a compiled step every step.
+        :meth:`state_dict` writes the real counters. The marked groups are those whose
+        params have shadows (every group while none has any); a group added since the last
+        step has no shadows yet.
         """
-        if self._marked is None:
-            has = [any(EMA in self.state.get(p, ()) for p in g["params"]) for g in self.param_groups]
-            shown = [h or not any(has) for h in has]
-            self._marked = [g for g, show in zip(self.param_groups, shown) if show]
-            for g in (g for g, show in zip(self.param_groups, shown) if not show):
-                for key in COUNTERS:
+        has = [any(EMA in self.state.get(p, ()) for p in g["params"]) for g in self.param_groups]
+        shown = [h or not any(has) for h in has]
+        self._marked = [g for g, show in zip(self.param_groups, shown) if show]
+        for g, show in zip(self.param_groups, shown):
+            for key in COUNTERS:
+                if not show:
                     g.pop(key, None)
-        for g in self._marked:
-            g[STEPS], g[UPDATES], g[DECAY_PROD] = self._steps, self._updates, self._decay_prod
+                elif g.get(key, 0) is not None:
+                    g[key] = None
 
     def _decay_at(self, t: int) -> float:
         if not callable(self.decay):
@@ -350,8 +354,6 @@ class EMAOptimizer(Optimizer):
         groups = self._ema_groups()
         if not groups:
             return
-        if self.ema_device is not None:
-            self._offload.wait()  # the previous update of offloaded shadows is done
         weight: Optional[_kernels.Weight]
         if found_inf is not None:
             # A skipped (inf/NaN) step is only known on the device: weight it to zero there.
@@ -585,11 +587,14 @@ class EMAOptimizer(Optimizer):
     def _state_dict(self) -> dict[str, Any]:
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        # The inner's own layout and hooks: "ema" is in the shared state, the counters in the
-        # shared param groups (refreshed here in case a group's copy of them was edited).
-        self._marked = None
+        # The inner's own layout and hooks: "ema" is in the shared state, and the groups with
+        # shadows carry placeholders for the counters, filled in here.
         self._publish_counters()
         sd = self.optimizer.state_dict()
+        counters = {STEPS: self._steps, UPDATES: self._updates, DECAY_PROD: self._decay_prod}
+        for saved, live in zip(sd["param_groups"], self.param_groups):
+            if any(live is g for g in self._marked):
+                saved.update(counters)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
             if result is not None:

@@ -541,10 +541,52 @@ def test_dcp_flattened_optimizer_state_dict(tmp_path):
     dcp.load(sd, checkpoint_id=str(tmp_path / "flat"))
     set_model_state_dict(resumed, sd["model"], options=options)
     set_optimizer_state_dict(resumed, opt_resumed, sd["optim"], options=options)
-    assert [opt_resumed.param_groups[0][k] for k in COUNTER_KEYS] == [N, N, math.prod([DECAY] * N)]
+    saved_counters = [opt_resumed.state_dict()["param_groups"][0][k] for k in COUNTER_KEYS]
+    assert saved_counters == [N, N, math.prod([DECAY] * N)]
     assert_same(snapshot(resumed, opt_resumed), saved, "flattened load")
     train(resumed, opt_resumed, range(N, 2 * N))
     assert_same(snapshot(resumed, opt_resumed), snapshot(model, opt), "flattened resume")
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dcp_flattened_plain_checkpoint_recipe(tmp_path):
+    # A flattened checkpoint of the plain inner optimizer: the recipe of docs/distributed.md.
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    model = make_model()
+    inner = torch.optim.AdamW(model.parameters(), lr=0.05)
+    train(model, inner, range(N))
+    dcp.save(dcp_state(model, inner, flat=True), checkpoint_id=str(tmp_path / "plain-flat"))
+    saved = {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "inner": copy.deepcopy(inner.state_dict()),
+    }
+
+    resumed, opt = new_run()
+    options = dcp_options(flat=True)
+    sd = dcp_state(resumed, opt, flat=True)
+    # --- the recipe ---
+    ema_keys = ("ema", "ema_steps", "ema_updates", "ema_decay_prod")
+    for key in [k for k in sd["optim"] if k.rsplit(".", 1)[-1] in ema_keys]:
+        del sd["optim"][key]  # the checkpoint has none of these
+    dcp.load(sd, checkpoint_id=str(tmp_path / "plain-flat"))
+    set_model_state_dict(resumed, sd["model"], options=options)
+    for group in opt.param_groups:  # DCP rebuilds the groups and state from these live keys
+        for key in ema_keys[1:]:
+            group.pop(key, None)
+    for state in opt.state.values():
+        state.pop("ema", None)
+    with pytest.warns(UserWarning, match="without EMA shadows"):
+        set_optimizer_state_dict(resumed, opt, sd["optim"], options=options)
+    # --- end ---
+    params = list(resumed.parameters())
+    for i, p in enumerate(params):
+        assert torch.equal(p, saved["params"][i]) and "ema" not in opt.state[p]
+        assert torch.equal(opt.state[p]["exp_avg"], saved["inner"]["state"][i]["exp_avg"])
+    assert opt.state_dict()["param_groups"][0]["ema_steps"] == 0
+    train(resumed, opt, [N])  # the EMA restarts from the loaded weights
+    assert all(opt.state[p]["ema"].shape == p.shape for p in params)
 
 
 # ------------------------------------------------------------------------------------ ema_device="cpu"

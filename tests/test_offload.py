@@ -235,13 +235,18 @@ def test_offload_benchmark_runs_on_cpu():
 
 
 def test_a_fold_that_failed_stops_the_next_step_before_it_changes_anything(force_offload, monkeypatch):
-    from concurrent.futures import wait
+    release = threading.Event()
+
+    def slow_failure(*args):
+        release.wait(timeout=30)
+        raise ZeroDivisionError("fold failed")
 
     model, opt = make(decay=0.5)
     train(model, opt, 1)
-    monkeypatch.setattr(_offload, "_fold", lambda *args: 1 / 0)
+    monkeypatch.setattr(_offload, "_fold", slow_failure)
     train(model, opt, 1)
-    wait([opt._offload._pending])  # the failure is known by the time the next step starts
+    assert not opt._offload._pending.done()  # the next step starts while the fold still runs
+    threading.Timer(0.2, release.set).start()
     params = [p.detach().clone() for p in model.parameters()]
     model(torch.ones(2, 5)).sum().backward()
     with pytest.raises(RuntimeError, match="background update") as info:
