@@ -88,22 +88,16 @@ def _staging_group(shadows: list[Tensor], params: list[Tensor]) -> Group:
     """The shadows paired with one staging buffer per param on the shadows' device, in the
     param's dtype and memory layout; pinned when CUDA is there, so the copies are asynchronous."""
     pin = torch.cuda.is_available() and shadows[0].device.type == "cpu"
-    bufs = [
-        torch.empty_strided(
-            p.shape,
-            p.stride() if flat(p) is not None else _contiguous_strides(p),
-            dtype=p.dtype,
-            device=s.device,
-            pin_memory=pin,
-        )
-        for s, p in zip(shadows, params)
-    ]
+    bufs = [empty_like_dense(p, p.dtype, s.device, pin_memory=pin) for s, p in zip(shadows, params)]
     casts = plan_casts(shadows, bufs) if shadows[0].dtype != bufs[0].dtype else None
     return Group(shadows, bufs, casts=casts)
 
 
-def _contiguous_strides(t: Tensor) -> tuple[int, ...]:
-    return torch.empty(t.shape, device="meta").stride()
+def empty_like_dense(p: Tensor, dtype: torch.dtype, device: torch.device, pin_memory: bool) -> Tensor:
+    """An empty tensor shaped like ``p``, with its strides if its memory is one dense block
+    (e.g. channels_last), else contiguous; ``pin_memory`` for host buffers of CUDA params."""
+    stride = p.stride() if flat(p) is not None else torch.empty(p.shape, device="meta").stride()
+    return torch.empty_strided(p.shape, stride, dtype=dtype, device=device, pin_memory=pin_memory)
 
 
 def plan_casts(shadows: list[Tensor], params: list[Tensor]) -> CastPlan:

@@ -6,8 +6,8 @@ training stream, so the copies see step k's weights; nothing waits on the host. 
 thread waits for those copies and then folds the staged values into the shadows with the CPU
 foreach kernels, while the forward and backward passes of step k+1 run. At the start of step
 k+1, before anything changes, the host waits for that fold (it blocks only if the fold took
-longer than the forward and backward) and the training stream waits, on the device, for the
-copies (long done by then).
+longer than the forward and backward); the fold waited for the copies, so they are done and
+the inner step may change the params.
 
 When the shadows are consistent: everything that reads or writes them (the next update,
 ``swap_ema_weights()``, ``state_dict()``, ``load_state_dict()``, copy and pickle) first waits
@@ -33,11 +33,8 @@ class Offload:
     def __init__(self) -> None:
         self._executor: Optional[ThreadPoolExecutor] = None
         self._pending: Optional[Future] = None
-        # Copies the next step must wait for, with their sources: holding these keeps a param's
-        # memory from being reused (say after ``p.data = ...``) while the side stream reads it.
-        self._copies: list[tuple[torch.device, torch.cuda.Event, list[Tensor]]] = []
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
-        self.active = False  # launched at least once: the optimizer then calls fence() every step
+        self.active = False  # launched at least once: the optimizer then waits at every step
 
     @torch.compiler.disable
     def launch(self, groups: list[Group], weight: Optional[Weight]) -> None:
@@ -45,7 +42,7 @@ class Offload:
         ``lerp_`` with ``weight``, or ``copy_`` when ``weight`` is None."""
         self.wait()
         self.active = True
-        events: list[tuple[torch.device, torch.cuda.Event]] = []
+        events: list[Copies] = []
         for g in groups:
             self._stage(g.params, g.staged.params, events)
         if isinstance(weight, Tensor):  # its own copy: the caller may refill its tensor later
@@ -60,7 +57,7 @@ class Offload:
         self,
         sources: list[Tensor],
         bufs: list[Tensor],
-        events: list[tuple[torch.device, torch.cuda.Event]],
+        events: list[Copies],
         temporary: bool = False,
     ) -> None:
         device = sources[0].device
@@ -79,23 +76,15 @@ class Offload:
                     t.record_stream(stream)
             done = torch.cuda.Event(blocking=True)  # the fold thread sleeps, not spins, on it
             done.record(stream)
-        events.append((device, done))
-        # detach() keeps each source's memory as it is now, even if a param gets new memory
-        self._copies.append((device, done, [t.detach() for t in sources]))
-
-    @torch.compiler.disable
-    def fence(self) -> None:
-        """At the start of a step, before anything changes: wait for the pending fold (it ran
-        behind the forward and backward passes; a failure is raised here, so the step changes
-        nothing), and make the training streams wait, on the device, for its staging copies."""
-        self.wait()
-        copies, self._copies = self._copies, []
-        for device, done, _ in copies:
-            torch.cuda.current_stream(device).wait_event(done)
+        # The fold holds the sources until their copies are done; detach() keeps each one's
+        # memory as it is now, even if a param gets new memory (``p.data = ...``) meanwhile.
+        events.append((device, done, [t.detach() for t in sources]))
 
     @torch.compiler.disable
     def wait(self) -> None:
-        """Block until the pending update is folded in; re-raise its error, if any."""
+        """Block until the pending update is folded in (its copies are then done too);
+        re-raise its error, if any. The optimizer calls it at the start of every step, so a
+        failure stops that step before it changes anything."""
         pending, self._pending = self._pending, None
         if pending is None:
             return
@@ -108,10 +97,12 @@ class Offload:
             ) from e
 
 
-def _fold(
-    groups: list[Group], events: list[tuple[torch.device, torch.cuda.Event]], weight: Optional[Weight]
-) -> None:
-    for device, done in events:
+# The staging copies on one CUDA device: their stream's event, and the tensors they read.
+Copies = tuple[torch.device, torch.cuda.Event, list[Tensor]]
+
+
+def _fold(groups: list[Group], events: list[Copies], weight: Optional[Weight]) -> None:
+    for device, done, _ in events:
         with torch.cuda.device(device):  # a new thread is on GPU 0: no stray context there
             done.synchronize()  # blocks this thread only (a blocking event: no spinning)
     with torch.no_grad():

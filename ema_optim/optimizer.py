@@ -178,7 +178,7 @@ class EMAOptimizer(Optimizer):
         self._needs_init = True  # some EMA params may lack a shadow
         self._bare: list[Tensor] = []  # params whose state holds the shadow only (see _hide_bare)
         self._swapped: Optional[list[_Swapped]] = None  # inside swap_ema_weights(): what was swapped
-        self._marked: Optional[list[dict]] = None  # the param groups that show the counters
+        self._counters_named = False  # the live groups name the counters where they belong
         self._offload = _offload.Offload()  # the update in flight for offloaded shadows
         self._publish_counters()
 
@@ -207,7 +207,6 @@ class EMAOptimizer(Optimizer):
         self.optimizer.add_param_group(param_group)
         self._groups = None
         self._needs_init = True
-        self._marked = None
         self._publish_counters()
 
     def __repr__(self) -> str:
@@ -222,7 +221,7 @@ class EMAOptimizer(Optimizer):
         # Like Optimizer.__getstate__, leave out what is tied to this instance: an LR
         # scheduler's patched `step` (it refers to this object), hooks and caches.
         self._offload.wait()
-        skip = {"step", "_opt_called", "_groups", "_weight_tensor", "_marked", "_offload"}
+        skip = {"step", "_opt_called", "_groups", "_weight_tensor", "_offload"}
         return {k: v for k, v in self.__dict__.items() if k not in skip and "_hooks" not in k}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -233,7 +232,6 @@ class EMAOptimizer(Optimizer):
                 "_swapped": swapped,
                 "_groups": None,
                 "_weight_tensor": None,
-                "_marked": None,
                 "_offload": _offload.Offload(),
             }
         )
@@ -258,7 +256,7 @@ class EMAOptimizer(Optimizer):
                 "leave the with-block before training"
             )
         if self._offload.active:  # the last offloaded update must be done before params change
-            self._offload.fence()
+            self._offload.wait()
         action = self._plan()
         new_shadows = self._new_shadows() if self._needs_init else {}
         hidden = self._hide_bare(everything=closure is not None)
@@ -310,7 +308,7 @@ class EMAOptimizer(Optimizer):
     @torch.compiler.disable
     def _commit(self) -> None:
         self._steps, self._updates, self._decay_prod = self._next_counters
-        if self._marked is None:  # shadows were just made
+        if not self._counters_named:  # shadows were just made
             self._publish_counters()
 
     def _publish_counters(self) -> None:
@@ -326,13 +324,13 @@ class EMAOptimizer(Optimizer):
         """
         has = [any(EMA in self.state.get(p, ()) for p in g["params"]) for g in self.param_groups]
         shown = [h or not any(has) for h in has]
-        self._marked = [g for g, show in zip(self.param_groups, shown) if show]
         for g, show in zip(self.param_groups, shown):
             for key in COUNTERS:
-                if not show:
-                    g.pop(key, None)
-                elif g.get(key, 0) is not None:
+                if show:
                     g[key] = None
+                else:
+                    g.pop(key, None)
+        self._counters_named = True
 
     def _decay_at(self, t: int) -> float:
         if not callable(self.decay):
@@ -418,9 +416,7 @@ class EMAOptimizer(Optimizer):
                 f"on {p.device.type}: their shadows are already sharded; leave ema_device=None"
             )
         if device.type == "cpu" and p.device.type != "cpu" and torch.cuda.is_available():
-            dense = _kernels.flat(p) is not None
-            stride = p.stride() if dense else torch.empty(p.shape, device="meta").stride()
-            shadow = torch.empty_strided(p.shape, stride, dtype=dtype, pin_memory=True)
+            shadow = _kernels.empty_like_dense(p, dtype, device, pin_memory=True)
         elif value is p:  # a new shadow: a copy that keeps the param's strides
             return p.detach().to(device=device, dtype=dtype, copy=True)
         else:  # a loaded one: in the param's layout
@@ -438,7 +434,7 @@ class EMAOptimizer(Optimizer):
             self.state[p][EMA] = shadow
         self._needs_init = False
         self._groups = None
-        self._marked = None
+        self._counters_named = False
         self._find_bare()
 
     def _ema_groups(self) -> list[_kernels.Group]:
@@ -593,7 +589,7 @@ class EMAOptimizer(Optimizer):
         sd = self.optimizer.state_dict()
         counters = {STEPS: self._steps, UPDATES: self._updates, DECAY_PROD: self._decay_prod}
         for saved, live in zip(sd["param_groups"], self.param_groups):
-            if any(live is g for g in self._marked):
+            if STEPS in live:
                 saved.update(counters)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
@@ -669,7 +665,6 @@ class EMAOptimizer(Optimizer):
         self._steps, self._updates, self._decay_prod = counters
         self._groups = None
         self._needs_init = True
-        self._marked = None
         self._publish_counters()
         self._find_bare()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
