@@ -1,0 +1,47 @@
+"""Writes tests/data/v0.1_checkpoint.pt with ema_optim 0.1 (commit f25954d); kept to show how it was made.
+
+The file holds, after 5 steps: the model, the optimizer state dict and the data generator state;
+and, after 4 more steps in the same run, the weights and shadows an exact resume must reproduce.
+"""
+
+import torch
+
+from ema_optim import EMAOptimizer, schedules
+
+
+def build():
+    torch.manual_seed(0)
+    fp32 = torch.nn.Linear(4, 3)
+    bf16 = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    inner = torch.optim.AdamW(
+        [{"params": fp32.parameters()}, {"params": bf16.parameters(), "lr": 0.02}], lr=0.01
+    )
+    opt = EMAOptimizer(
+        inner, decay=schedules.warmup(0.99), update_after_step=2, update_every=2, bias_correction=True
+    )
+    return torch.nn.ModuleDict({"fp32": fp32, "bf16": bf16}), opt
+
+
+def train(model, opt, steps, g):
+    for _ in range(steps):
+        x = torch.randn(8, 4, generator=g)
+        h = model["fp32"](x).tanh().to(torch.bfloat16)
+        model["bf16"](h).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+if __name__ == "__main__":
+    model, opt = build()
+    g = torch.Generator().manual_seed(1)
+    train(model, opt, 5, g)
+    saved = {
+        "model": {k: v.clone() for k, v in model.state_dict().items()},
+        "optimizer": opt.state_dict(),
+        "generator": g.get_state(),
+    }
+    train(model, opt, 4, g)
+    params = list(model.parameters())
+    saved["expected_params"] = [p.detach().clone() for p in params]
+    saved["expected_shadows"] = [opt.state[p]["ema"].clone() for p in params]
+    torch.save(saved, "tests/data/v0.1_checkpoint.pt")
