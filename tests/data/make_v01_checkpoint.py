@@ -4,6 +4,8 @@ The file holds, after 5 steps: the model, the optimizer state dict and the data 
 and, after 4 more steps in the same run, the weights and shadows an exact resume must reproduce.
 """
 
+import copy
+
 import torch
 
 from ema_optim import EMAOptimizer, schedules
@@ -37,7 +39,7 @@ if __name__ == "__main__":
     train(model, opt, 5, g)
     saved = {
         "model": {k: v.clone() for k, v in model.state_dict().items()},
-        "optimizer": opt.state_dict(),
+        "optimizer": copy.deepcopy(opt.state_dict()),
         "generator": g.get_state(),
     }
     train(model, opt, 4, g)
