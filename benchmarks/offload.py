@@ -54,7 +54,7 @@ def step(model, opt, x, mode):
     opt.step()
     opt.zero_grad(set_to_none=True)
     if mode == "offload-sync":
-        opt._offload.wait()
+        opt._rt.offload.wait()
 
 
 def main() -> None:
@@ -94,7 +94,7 @@ def main() -> None:
             for _ in range(args.block):
                 step(model, opt, x, m)
             if m != "plain":  # the block's last fold counts too (and must not run into the next block)
-                opt._offload.wait()
+                opt._rt.offload.wait()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times[m].append((time.perf_counter() - start) / args.block)
