@@ -133,7 +133,7 @@ class _EMASwap:
     def _ema_optimizers(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
     ) -> list[EMAOptimizer]:
-        optimizers = [_unwrap(opt) for opt in trainer.optimizers]
+        optimizers = list(trainer.optimizers)
         states, self._checkpoint_states = self._checkpoint_states, None
         if states is _NO_OPTIMIZER_STATES:
             raise RuntimeError(
@@ -194,18 +194,10 @@ def _build_ema_swap() -> type:
     return EMASwap
 
 
-def _unwrap(optimizer: Any) -> Any:
-    # LightningOptimizer (what self.optimizers() returns) forwards attribute reads only, so the
-    # swap must run on the optimizer it wraps, where step() and state_dict() see it.
-    from lightning.pytorch.core.optimizer import LightningOptimizer
-
-    return optimizer.optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
-
-
 def _flatten_optimizers(conf: Any) -> list[Optimizer]:
     """The optimizers of a configure_optimizers() return value, in Lightning's order."""
     if isinstance(conf, Optimizer):
-        return [_unwrap(conf)]
+        return [conf]  # a proxy such as LightningOptimizer shares the real optimizer's runtime
     if isinstance(conf, Mapping):
         return _flatten_optimizers(conf.get("optimizer"))
     if isinstance(conf, (list, tuple)):
