@@ -28,10 +28,25 @@ def keys(n: int) -> tuple[str, ...]:
     return tuple(key(k) for k in range(n))
 
 
-def is_key(name: Any) -> bool:
+def buffer_key(k: int, name: str) -> str:
+    """The state key of shadow ``k`` of the buffer ``name`` (kept in the anchor param's state)."""
+    return f"{key(k)}:{name}"
+
+
+def is_param_key(name: Any) -> bool:
     return name == "ema" or (
         isinstance(name, str) and name.startswith("ema_") and name[4:].isdigit() and name[4] != "0"
     )
+
+
+def is_key(name: Any) -> bool:
+    """Any shadow key: a param's (``"ema"``, ``"ema_1"``) or a buffer's (``"ema:bn.running_mean"``)."""
+    return is_param_key(name) or (isinstance(name, str) and is_param_key(name.split(":", 1)[0]) and ":" in name)
+
+
+def split_buffer_key(name: str) -> tuple[str, str]:
+    shadow, buffer = name.split(":", 1)
+    return shadow, buffer
 
 
 class ShadowState(dict):
@@ -113,6 +128,52 @@ class Spec(NamedTuple):
         return shadow
 
 
+class Buffers:
+    """The persistent floating-point buffers of a module, followed by name.
+
+    The names are fixed when the optimizer is built; the tensors are looked up at each
+    step, so a buffer replaced later (``module.running_mean = t``, ``model.to(...)``) is
+    followed.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+        self.entries: list[tuple[str, torch.nn.Module, str]] = []
+        seen: set[int] = set()
+        for prefix, owner in module.named_modules(remove_duplicate=False):
+            for local, buf in owner._buffers.items():
+                if buf is None or local in owner._non_persistent_buffers_set or not buf.is_floating_point():
+                    continue
+                if id(buf) not in seen:
+                    seen.add(id(buf))
+                    self.entries.append((f"{prefix}.{local}" if prefix else local, owner, local))
+        self.names = [name for name, _, _ in self.entries]
+
+    def tensors(self) -> list[Tensor]:
+        out = []
+        for name, owner, local in self.entries:
+            buf = owner._buffers.get(local)
+            if not isinstance(buf, Tensor) or not buf.is_floating_point():
+                raise ValueError(
+                    f"the averaged buffer {name!r} is now {type(buf).__name__ if buf is None else buf.dtype}; "
+                    "it must stay a floating-point tensor (buffers are chosen when the optimizer is built)"
+                )
+            out.append(buf)
+        return out
+
+    def unchanged(self, tensors: list[Tensor]) -> bool:
+        return all(owner._buffers.get(local) is t for (_, owner, local), t in zip(self.entries, tensors))
+
+
+def anchor(params: Sequence[Tensor]) -> Optional[Tensor]:
+    """The param whose state holds the buffer shadows: the first trained averaged param.
+
+    Loaders that map state to parameter names (torch.distributed.checkpoint) carry only
+    the state of params, and skip frozen ones when they rebuild it.
+    """
+    return next((p for p in params if p.requires_grad), params[0] if params else None)
+
+
 def install(state: dict, p: Tensor, shadows: dict[str, Tensor]) -> None:
     """Put shadows into ``state[p]``, keeping an empty state empty for the inner optimizer."""
     current = state.get(p)
@@ -125,10 +186,17 @@ class Layout:
     """The averaged params, their shadows and (device, dtype) groups, as of one view of the
     param groups. :meth:`fresh` tells in O(groups) whether that view still holds."""
 
-    def __init__(self, param_groups: list[dict], state: dict, spec: Spec) -> None:
+    def __init__(self, param_groups: list[dict], state: dict, spec: Spec, buffers: Optional[Buffers]) -> None:
         self._seen = (param_groups, state, [(g, g["params"], len(g["params"]), g.get(ENABLE, True)) for g in param_groups])
         names = keys(spec.count)
         self.params = averaged(param_groups)
+        self.buffers = buffers
+        self.buffer_tensors = buffers.tensors() if buffers is not None else []
+        self.anchor = anchor(self.params) if buffers is not None else None
+        if buffers is not None and buffers.names and self.anchor is None:
+            raise ValueError(
+                "buffers= needs at least one averaged parameter: the buffer shadows are kept in its state"
+            )
         self.missing: dict[Tensor, dict[str, Tensor]] = {}  # made by make_missing, not installed yet
         self.incomplete = True  # some averaged params may lack shadows
         for p in self.params:
@@ -137,13 +205,44 @@ class Layout:
                 if name in have:
                     _check_pair(have[name], p, name)
         self._state, self._names, self._spec = state, names, spec
+        self._gather_buffer_shadows()
+        for k in range(len(names) if buffers is not None else 0):
+            held = self.buffer_shadows(k)
+            for n, t in zip(self.buffers.names, self.buffer_tensors):
+                if n in held:
+                    _check_pair(held[n], t, buffer_key(k, n))
         self.groups: list[_kernels.Group] = []
         self._regroup()
+
+    def _gather_buffer_shadows(self) -> None:
+        """Move buffer shadows kept by another param (the anchor changed) to the anchor."""
+        if self.anchor is None:
+            return
+        for p in self.params:
+            here = self._state.get(p, {})
+            if p is not self.anchor and any(":" in k and is_key(k) for k in here):
+                moved = {k: here.pop(k) for k in [k for k in here if ":" in k and is_key(k)]}
+                install(self._state, self.anchor, moved)
+
+    def buffer_shadows(self, k: int) -> dict[str, Tensor]:
+        """{buffer name: shadow k} of the buffers that have shadows."""
+        if self.buffers is None:
+            return {}
+        held = self._state.get(self.anchor, {})
+        return {n: held[buffer_key(k, n)] for n in self.buffers.names if buffer_key(k, n) in held}
+
+    def _buffer_pairs(self) -> tuple[list[list[Tensor]], list[Tensor]]:
+        if self.buffers is None:
+            return [], []
+        columns = [self.buffer_shadows(k) for k in range(len(self._names))]
+        ready = [(n, t) for n, t in zip(self.buffers.names, self.buffer_tensors) if all(n in c for c in columns)]
+        return [[c[n] for c in columns] for n, _ in ready], [t for _, t in ready]
 
     def _regroup(self) -> None:
         ready = [p for p in self.params if all(n in self._state.get(p, ()) for n in self._names)]
         columns = [[self._state[p][n] for n in self._names] for p in ready]
-        self.groups = _kernels.group_pairs(columns, ready)
+        buffer_columns, buffers = self._buffer_pairs()
+        self.groups = _kernels.group_pairs(columns + buffer_columns, ready + buffers)
         self._reps = [(g.params[0], g.params[0].dtype, g.params[0].shape, g.params[0].device) for g in self.groups]
 
     def fresh(self, param_groups: list[dict], state: dict) -> bool:
@@ -153,6 +252,8 @@ class Layout:
         for g, (g0, params0, n0, flag0) in zip(param_groups, seen):
             if g is not g0 or g["params"] is not params0 or len(params0) != n0 or g.get(ENABLE, True) != flag0:
                 return False
+        if self.buffers is not None and not self.buffers.unchanged(self.buffer_tensors):
+            return False
         # a model converted as a whole (model.half(), model.to(device)) shows in every group
         return all(p.dtype == dt and p.shape == shape and p.device == dev for p, dt, shape, dev in self._reps)
 
@@ -164,6 +265,16 @@ class Layout:
             absent = [n for n in self._names if n not in have]
             if absent:
                 self.missing[p] = {n: self._spec.make(p, p) for n in absent}
+        if self.buffers is not None:
+            held = self._state.get(self.anchor, {})
+            made = {
+                buffer_key(k, n): self._spec.make(t, t)
+                for n, t in zip(self.buffers.names, self.buffer_tensors)
+                for k in range(len(self._names))
+                if buffer_key(k, n) not in held
+            }
+            if made:
+                self.missing.setdefault(self.anchor, {}).update(made)
 
     def adopt_missing(self) -> bool:
         """Install the shadows made by :meth:`make_missing`; True if there were any."""
@@ -177,9 +288,13 @@ class Layout:
         return True
 
     def pairs(self, k: int) -> list[tuple[Tensor, Tensor]]:
-        """(param, shadow k) of every param that has shadows."""
+        """(tensor, shadow k) of every param and buffer that has shadows."""
         name = self._names[k]
-        return [(p, self._state[p][name]) for p in self.params if name in self._state.get(p, ())]
+        params = [(p, self._state[p][name]) for p in self.params if name in self._state.get(p, ())]
+        if self.buffers is None:
+            return params
+        shadows = self.buffer_shadows(k)
+        return params + [(t, shadows[n]) for n, t in zip(self.buffers.names, self.buffer_tensors) if n in shadows]
 
 
 def _check_pair(shadow: Any, p: Tensor, name: str) -> None:

@@ -64,10 +64,14 @@ class LoadPlan(NamedTuple):
     inner: dict  # what the inner optimizer loads: the dict without the EMA keys
     shadows: dict[Tensor, dict[str, Tensor]]  # per param: shadow key -> saved value
     counters: Optional[Counters]  # None: the dict has no EMA (a plain inner-optimizer dict)
+    buffer_shadows: dict[str, Tensor]  # buffer shadow key ("ema:bn.running_mean") -> saved value
 
 
-def check(sd: Any, param_groups: list[dict], state: Mapping, n: int) -> LoadPlan:
-    """Validate a whole state dict for an optimizer with ``n`` shadows; changes nothing."""
+def check(
+    sd: Any, param_groups: list[dict], state: Mapping, n: int, buffers: Optional[dict[str, Tensor]] = None
+) -> LoadPlan:
+    """Validate a whole state dict for an optimizer with ``n`` shadows (and the averaged
+    buffers ``{name: tensor}``, if any); changes nothing."""
     if not isinstance(sd, Mapping):
         raise TypeError(f"state_dict must be a dict, got {type(sd).__name__}")
     for name in ("state", "param_groups"):
@@ -87,10 +91,48 @@ def check(sd: Any, param_groups: list[dict], state: Mapping, n: int) -> LoadPlan
         raise ValueError(f"the param groups of the state dict disagree on the EMA counters: {found}")
     counters = found.pop() if found else None
     shadows = _shadows_of(saved_groups, saved_state, param_groups, id_map, per_group, n)
+    buffer_shadows = _buffer_shadows_of(saved_state, id_map, buffers, n, counters)
     for k, entry in saved_state.items():
         if k in id_map:
             _check_inner_state(k, id_map[k], entry, state.get(id_map[k], {}))
-    return LoadPlan(_inner_part(sd), shadows, counters)
+    return LoadPlan(_inner_part(sd), shadows, counters, buffer_shadows)
+
+
+def _buffer_shadows_of(
+    saved_state: Mapping, id_map: dict[Any, Tensor], buffers: Optional[dict[str, Tensor]], n: int, counters: Any
+) -> dict[str, Tensor]:
+    """The saved buffer shadows (wherever a param's state holds them), checked against the
+    optimizer's buffers: all of them for every shadow, or none (a dict saved without buffers)."""
+    found = {
+        kk: v
+        for k, entry in saved_state.items()
+        if k in id_map
+        for kk, v in entry.items()
+        if isinstance(kk, str) and ":" in kk and _shadows.is_key(kk)
+    }
+    if not found:
+        return {}
+    names = {_shadows.split_buffer_key(kk)[1] for kk in found}
+    ours = set(buffers or ())
+    if names != ours:
+        raise ValueError(
+            f"the state dict has shadows for the buffers {sorted(names - ours)[:5]} that this optimizer does not "
+            f"average, and none for {sorted(ours - names)[:5]}; build the optimizer with the same buffers= module"
+            if ours
+            else f"the state dict has buffer shadows ({sorted(names)[:5]}) but this optimizer was built without "
+            "buffers=; pass buffers=model to load them"
+        )
+    if counters is None:
+        raise ValueError("the state dict has buffer shadows but no EMA counters")
+    wanted = {_shadows.buffer_key(k, name) for name in ours for k in range(n)}
+    if set(found) != wanted:
+        raise ValueError(
+            f"the state dict's buffer shadows {sorted(set(found) ^ wanted)[:5]} do not fit this optimizer's "
+            f"{n} shadow(s) per buffer"
+        )
+    for kk, v in found.items():
+        _checked_shadow("buffer", kk, buffers[_shadows.split_buffer_key(kk)[1]], v)
+    return found
 
 
 def _check_groups(saved_groups: Sequence, param_groups: list[dict]) -> None:
@@ -174,7 +216,7 @@ def _shadows_of(
         averaged = list(
             {id(id_map[k]): k for k in saved["params"] if enabled and _shadows.is_float(id_map[k])}.values()
         )
-        have = [k for k in averaged if any(_shadows.is_key(kk) for kk in saved_state.get(k, {}))]
+        have = [k for k in averaged if any(_shadows.is_param_key(kk) for kk in saved_state.get(k, {}))]
         found.append((averaged, have))
     any_shadow = any(have for _, have in found)
     counted = [c for c in per_group if c is not None]
@@ -197,7 +239,7 @@ def _shadows_of(
             raise ValueError(f"param group {i}: params {missing[:5]} have no 'ema' shadow but others do")
         for k in have:
             entry = saved_state[k]
-            found = sorted(kk for kk in entry if _shadows.is_key(kk))
+            found = sorted(kk for kk in entry if _shadows.is_param_key(kk))
             if found != sorted(names):
                 raise ValueError(
                     f"state[{k!r}] has the shadows {found}, this optimizer keeps {list(names)} "

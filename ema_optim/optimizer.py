@@ -113,6 +113,7 @@ class EMAOptimizer(Optimizer):
         bias_correction: bool = False,
         ema_dtype: Optional[torch.dtype] = None,
         ema_device: Optional[Union[str, torch.device]] = None,
+        buffers: Optional[torch.nn.Module] = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
@@ -129,6 +130,10 @@ class EMAOptimizer(Optimizer):
         if ema_dtype is not None and not (isinstance(ema_dtype, torch.dtype) and ema_dtype.is_floating_point):
             raise TypeError(f"ema_dtype must be a floating torch.dtype such as torch.float32, got {ema_dtype!r}")
         device = _check_device(ema_device)
+        if buffers is not None and not isinstance(buffers, torch.nn.Module):
+            raise TypeError(
+                f"buffers must be None or a torch.nn.Module (usually the model), got {type(buffers).__name__}"
+            )
         for i, group in enumerate(optimizer.param_groups):
             _shadows.enabled(group, i)
 
@@ -142,6 +147,8 @@ class EMAOptimizer(Optimizer):
         self.bias_correction = bias_correction
         self.ema_dtype = ema_dtype
         self.ema_device = device
+        self.buffers = buffers
+        self._buffers = _shadows.Buffers(buffers) if buffers is not None else None
         self._timing = _plan.Timing(decays, update_after_step, update_every, bias_correction)
         self._spec = _shadows.Spec(len(decays), ema_dtype, device)
         self._rt = _Runtime(len(decays))
@@ -299,7 +306,7 @@ class EMAOptimizer(Optimizer):
         rt, inner = self._rt, self.optimizer
         if rt.layout is None or not rt.layout.fresh(inner.param_groups, inner.state):
             rt.layout = None  # a failed build leaves no stale layout behind
-            rt.layout = _shadows.Layout(inner.param_groups, inner.state, self._spec)
+            rt.layout = _shadows.Layout(inner.param_groups, inner.state, self._spec, self._buffers)
         return rt.layout
 
     def _update(self, action: str, found_inf: Optional[Tensor]) -> None:
@@ -427,8 +434,12 @@ class EMAOptimizer(Optimizer):
         _swap.swap_out(records)
 
     def _swap_pairs(self, index: int) -> list[tuple[Tensor, Tensor]]:
-        name, state = _shadows.key(index), self.optimizer.state
-        return [(p, state[p][name]) for p in _shadows.averaged(self.param_groups) if name in state.get(p, ())]
+        return self._layout().pairs(index)
+
+    def _buffer_shadows(self, index: int) -> dict[str, Tensor]:
+        """{buffer name: shadow ``index``} of the averaged buffers (for ``posthoc.snapshot``)."""
+        self._rt.offload.wait()
+        return self._layout().buffer_shadows(index)
 
     # ------------------------------------------------------------------ state dict
 
@@ -492,9 +503,11 @@ class EMAOptimizer(Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        plan = _state_dict.check(state_dict, inner.param_groups, inner.state, self._spec.count)
+        buffers = dict(zip(self._buffers.names, self._buffers.tensors())) if self._buffers else None
+        plan = _state_dict.check(state_dict, inner.param_groups, inner.state, self._spec.count, buffers)
         try:  # the new shadows first, so that nothing has changed if one cannot be made
             shadows = {p: {k: self._spec.make(p, v) for k, v in s.items()} for p, s in plan.shadows.items()}
+            held = {k: self._spec.make(buffers[_shadows.split_buffer_key(k)[1]], v) for k, v in plan.buffer_shadows.items()}
         except Exception as e:
             raise ValueError(f"could not make a shadow from the state dict: {e!r}") from e
         self._load_inner(plan.inner)
@@ -505,8 +518,17 @@ class EMAOptimizer(Optimizer):
                 UserWarning,
                 stacklevel=2,
             )
+        if plan.counters is not None and buffers and not held:
+            warnings.warn(
+                "loaded a state dict without buffer shadows (saved without buffers=?): the buffers' EMA "
+                "restarts from the current buffers at the next step",
+                UserWarning,
+                stacklevel=2,
+            )
         for p, s in shadows.items():
             _shadows.install(inner.state, p, s)
+        if held:
+            _shadows.install(inner.state, _shadows.anchor(_shadows.averaged(inner.param_groups)), held)
         rt.counters = plan.counters or _plan.Counters.start(self._spec.count)
         rt.layout = None
         _state_dict.publish(inner.param_groups, inner.state, self._spec.count)
