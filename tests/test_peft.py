@@ -228,7 +228,8 @@ def test_resume_is_exact_with_the_base_reloaded_from_pretrained(tmp_path):
             assert torch.equal(opt_full.state[a]["ema"], opt_resumed.state[b]["ema"]), name
 
 
-def test_a_second_adapter_added_mid_training_gets_shadows():
+@pytest.mark.parametrize("train_both", [True, False])
+def test_a_second_adapter_added_mid_training_gets_shadows(train_both):
     decay = schedules.linear(0.5, 0.95, 8)  # a schedule, so that the shared counter is checked too
     model = lora_model()
     opt = make_opt(model, decay=decay)
@@ -236,13 +237,15 @@ def test_a_second_adapter_added_mid_training_gets_shadows():
     initial, history = train(model, opt, batches(STEPS))
 
     model.add_adapter("second", LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False))
-    model.base_model.set_adapter(["default", "second"])  # both train from now on
+    # both train from now on, or only the second one (the first is frozen but stays in the optimizer)
+    model.base_model.set_adapter(["default", "second"] if train_both else "second")
     second = {n: p for n, p in trainable(model).items() if ".second." in n}
     assert len(second) == 4 and all(p not in opt.state for p in second.values())
     opt.add_param_group({"params": list(second.values())})
     initial2, history2 = train(model, opt, batches(STEPS, seed=5), params={**first, **second})
 
     for n in first:
+        assert train_both or all(torch.equal(w, initial2[n]) for w in history2[n])  # frozen: constant
         history[n] += history2[n]
     assert_shadows(opt, first, expected_shadows(initial, history, decay))
     late = {n: initial2[n] for n in second}  # weights at the next step, then the same counter as the rest
