@@ -1,14 +1,14 @@
 # Two commands for a fresh machine: `make demo` and `make test`.
 # Each creates .venv, installs the pinned dev torch (a CPU build here; users may use any
 # torch>=2.4) and this package in editable mode with its extras, then runs.
-# `make test` also installs the trainer integrations (Lightning, Accelerate, transformers)
+# `make test` also installs the integrations (Lightning, Accelerate, transformers, PEFT)
 # and matplotlib so that their tests run instead of being skipped.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 DEMO_EXTRAS ?= dev
-TEST_EXTRAS ?= dev,plot,lightning,accelerate,transformers
+TEST_EXTRAS ?= dev,plot,lightning,accelerate,transformers,peft
 BENCH_EXTRAS ?= dev,bench
 
 .PHONY: demo test bench clean
