@@ -7,6 +7,7 @@ products by numerical quadrature, and power EMAs simulated by their update recur
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 
 import numpy as np
@@ -357,6 +358,23 @@ def test_paths_stream_one_snapshot_at_a_time(run, tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", real_load)
     from_dicts = posthoc.reconstruct(snaps[:16], [0.08, 0.2], step=512, dtype=F64)
     torch.testing.assert_close(from_paths, from_dicts, atol=0, rtol=0)
+
+
+def test_snapshots_through_distributed_checkpoint(run, tmp_path):
+    """dcp.save / dcp.load into a snapshot of the same shape (single process here)."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    _, _, snaps = run
+    loaded = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no process group: DCP warns that it runs single-process
+        for s in snaps[:8]:
+            dcp.save(s, checkpoint_id=tmp_path / str(s["ema_updates"]))
+            template = poisoned({**s, "ema_updates": 0, "gamma": [0.0, 0.0]})
+            dcp.load(template, checkpoint_id=tmp_path / str(s["ema_updates"]))
+            loaded.append(template)
+    assert [s["ema_updates"] for s in loaded] == [s["ema_updates"] for s in snaps[:8]]
+    expected = posthoc.reconstruct(snaps[:8], 0.15, dtype=F64)
+    torch.testing.assert_close(posthoc.reconstruct(loaded, 0.15, dtype=F64), expected, atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------------------- snapshot
