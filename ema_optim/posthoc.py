@@ -367,9 +367,7 @@ def _inputs(headers: list[tuple[int, list[float], list]], target: int) -> list[t
     return inputs
 
 
-def _accumulate_(acc: list[dict], shadow: Mapping, weights: Tensor, keys: list, where: str) -> None:
-    if set(shadow) != set(keys):
-        raise ValueError(f"{where} has other keys than the first snapshot used; are they from the same model?")
+def _accumulate_(acc: list[dict], shadow: Mapping, weights: Tensor, keys: list) -> None:
     for out, x in zip(acc, weights.tolist()):
         for key in keys:
             value = shadow[key]
@@ -417,18 +415,23 @@ def reconstruct(
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     targets, many = _targets(sigma_rel, gamma)
     sources = list(snapshots)
+    if not sources:
+        raise ValueError("no snapshots given; pass the dicts from posthoc.snapshot() or the paths they were saved to")
     where = [f"snapshot {i}" + ("" if isinstance(s, Mapping) else f" ({s})") for i, s in enumerate(sources)]
     headers = [_header(_load(s), w) for s, w in zip(sources, where)]
     target = _target_step([h[0] for h in headers], step)
     inputs = _inputs(headers, target)
     x = solve([t for *_, t, _ in inputs], [g for *_, g in inputs], [target] * len(targets), targets)
     keys = headers[inputs[0][0]][2]
+    for i, *_ in inputs:
+        if set(headers[i][2]) != set(keys):
+            raise ValueError(f"{where[i]} has other keys than {where[inputs[0][0]]}; are they from the same model?")
     acc: list[dict] = [{} for _ in targets]
     for i in dict.fromkeys(i for i, *_ in inputs):  # by time, each once
         shadows = _load(sources[i])["shadows"]
         for row, (snap, j, _, _) in enumerate(inputs):
             if snap == i:
-                _accumulate_(acc, shadows[j], x[row], keys, where[i])
+                _accumulate_(acc, shadows[j], x[row], keys)
         del shadows  # one snapshot in memory at a time
     result = [{key: out[key].to(dtype) for key in keys} for out in acc]
     return result if many else result[0]

@@ -335,6 +335,8 @@ def test_reconstruct_bad_snapshots(run):
         posthoc.reconstruct([snaps[0], snaps[1], other_keys], 0.1)
     with pytest.raises(TypeError, match="path"):
         posthoc.reconstruct([snaps[0], 42], 0.1)
+    with pytest.raises(ValueError, match="no snapshots"):
+        posthoc.reconstruct([], 0.1)
 
 
 def test_paths_stream_one_snapshot_at_a_time(run, tmp_path, monkeypatch):
@@ -537,3 +539,24 @@ def test_snapshot_of_several_real_shadows_inside_swap():
     for index in range(3):
         with opt.swap_ema_weights(index=index):
             torch.testing.assert_close(posthoc.snapshot(opt, model)["shadows"], outside["shadows"], atol=0, rtol=0)
+
+
+@needs_tuple_decay
+def test_example_sweep_runs(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "posthoc_sweep.py"
+    spec = importlib.util.spec_from_file_location("posthoc_sweep", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    rows = example.main(["--steps", "400", "--every", "40"])
+    labels = [label for label, _ in rows]
+    assert labels[0] == "online model" and len(rows) == 3 + len(example.SWEEP)
+    assert all(math.isfinite(loss) for _, loss in rows)
+    # the reconstructed tracked profiles are the tracked shadows
+    by_label = dict(rows)
+    for s in example.TRACKED:
+        tracked = by_label[f"tracked      sigma_rel={s:.3f}"]
+        assert by_label[f"reconstructed sigma_rel={s:.3f}"] == pytest.approx(tracked, rel=1e-4)
+    assert "best of the sweep" in capsys.readouterr().out
