@@ -14,8 +14,9 @@ combination of the snapshots::
     model.load_state_dict(ema, strict=False)
 
 The power-function EMA with exponent ``gamma`` after ``t`` EMA updates of the weights
-``w_1..w_t`` is ``sum_s c_s w_s`` with ``c_s = (s ** (gamma + 1) - (s - 1) ** (gamma + 1)) / t ** (gamma + 1)``:
-the average of the piecewise-constant weight path under the profile
+``w_1..w_t`` is ``sum_s c_s w_s`` with
+``c_s = (s ** (gamma + 1) - (s - 1) ** (gamma + 1)) / t ** (gamma + 1)``: the average of the
+piecewise-constant weight path under the profile
 ``p(tau) = (gamma + 1) * tau ** gamma / t ** (gamma + 1)`` on ``[0, t]``. Its width relative
 to ``t`` is ``sigma_rel = sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))``. Time is the
 EMA update count, so ``update_every`` needs no correction.
@@ -144,7 +145,9 @@ def _ema_updates(sd: Mapping[str, Any]) -> int:
         t = group.get("ema_updates")
         if isinstance(t, int) and not isinstance(t, bool):
             return t
-    raise ValueError("the optimizer's state dict has no 'ema_updates' counter; snapshot() needs an EMAOptimizer")
+    raise ValueError(
+        "the optimizer's state dict has no 'ema_updates' counter; snapshot() needs an EMAOptimizer"
+    )
 
 
 def _param_names(opt: Any, model: Optional[torch.nn.Module]) -> dict[int, Union[int, str]]:
@@ -199,14 +202,23 @@ def snapshot(opt: Any, model: Optional[torch.nn.Module] = None, dtype: Optional[
     shadows = []
     for k, _ in power:
         key = "ema" if k == 0 else f"ema_{k}"
-        found = {names[i]: _copy(s[key], dtype) for i, s in sd["state"].items() if isinstance(s, Mapping) and key in s}
+        found = {
+            names[i]: _copy(s[key], dtype)
+            for i, s in sd["state"].items()
+            if isinstance(s, Mapping) and key in s
+        }
         buffer_shadows = getattr(opt, "_buffer_shadows", None)
         if buffer_shadows is not None:
             found.update({name: _copy(b, dtype) for name, b in buffer_shadows(k).items()})
         shadows.append(found)
     if not any(shadows):
         raise ValueError("the optimizer has no shadows yet; take snapshots after opt.step()")
-    return {"version": VERSION, "ema_updates": _ema_updates(sd), "gamma": [g for _, g in power], "shadows": shadows}
+    return {
+        "version": VERSION,
+        "ema_updates": _ema_updates(sd),
+        "gamma": [g for _, g in power],
+        "shadows": shadows,
+    }
 
 
 # ---------------------------------------------------------------------------- solve
@@ -226,7 +238,9 @@ def _profiles(t_name: str, t: Any, gamma: Any) -> tuple[Tensor, Tensor]:
     g_name = "gamma_" + t_name[2:]
     t, gamma = _as_float64(t_name, t), _as_float64(g_name, gamma)
     if t.numel() != gamma.numel():
-        raise ValueError(f"{t_name} and {g_name} must have the same length, got {t.numel()} and {gamma.numel()}")
+        raise ValueError(
+            f"{t_name} and {g_name} must have the same length, got {t.numel()} and {gamma.numel()}"
+        )
     if t.numel() == 0:
         raise ValueError(f"{t_name} must not be empty")
     if (t <= 0).any():
@@ -250,7 +264,9 @@ def _inner_products(t_a: Tensor, g_a: Tensor, t_b: Tensor, g_b: Tensor) -> Tenso
     return (g_a + 1) * (g_b + 1) / ((g_a + g_b + 1) * t_hi) * ratio**g_hi
 
 
-def solve(t_in: Sequence[float], gamma_in: Sequence[float], t_out: Sequence[float], gamma_out: Sequence[float]) -> Tensor:
+def solve(
+    t_in: Sequence[float], gamma_in: Sequence[float], t_out: Sequence[float], gamma_out: Sequence[float]
+) -> Tensor:
     """Coefficients ``X`` such that ``sum_i X[i, j] * input_i`` best approximates target profile ``j``.
 
     Each profile is a power-function EMA ending at time ``t`` (in EMA updates) with exponent
@@ -282,7 +298,9 @@ def solve(t_in: Sequence[float], gamma_in: Sequence[float], t_out: Sequence[floa
     try:
         x = torch.linalg.solve(a, b)
     except torch.linalg.LinAlgError as err:
-        raise ValueError(f"the input profiles give a singular system ({err}); are some of them the same?") from err
+        raise ValueError(
+            f"the input profiles give a singular system ({err}); are some of them the same?"
+        ) from err
     total = x.sum(dim=0)
     if not torch.isfinite(x).all() or (total.abs() < 1e-8).any():
         raise ValueError("the input profiles give a singular system; are some of them the same?")
@@ -297,7 +315,9 @@ def _load(source: Snapshot) -> Mapping[str, Any]:
     if isinstance(source, Mapping):
         return source
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"each snapshot must be a dict from snapshot() or a path, got {type(source).__name__}")
+        raise TypeError(
+            f"each snapshot must be a dict from snapshot() or a path, got {type(source).__name__}"
+        )
     try:
         return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # a file in torch's legacy format cannot be memory-mapped
@@ -311,7 +331,11 @@ def _header(snap: Mapping[str, Any], where: str) -> tuple[int, list[float], list
     t, gammas, shadows = snap.get("ema_updates"), snap.get("gamma"), snap.get("shadows")
     if isinstance(t, bool) or not isinstance(t, int) or t < 0:
         raise ValueError(f"{where}: 'ema_updates' must be an int >= 0, got {t!r}")
-    ok = isinstance(gammas, (list, tuple)) and isinstance(shadows, (list, tuple)) and len(gammas) == len(shadows)
+    ok = (
+        isinstance(gammas, (list, tuple))
+        and isinstance(shadows, (list, tuple))
+        and len(gammas) == len(shadows)
+    )
     if not ok or not gammas or not all(isinstance(s, Mapping) for s in shadows):
         raise ValueError(f"{where}: 'gamma' and 'shadows' must be lists of the same non-zero length")
     keys = list(shadows[0])
@@ -416,7 +440,9 @@ def reconstruct(
     targets, many = _targets(sigma_rel, gamma)
     sources = list(snapshots)
     if not sources:
-        raise ValueError("no snapshots given; pass the dicts from posthoc.snapshot() or the paths they were saved to")
+        raise ValueError(
+            "no snapshots given; pass the dicts from posthoc.snapshot() or the paths they were saved to"
+        )
     where = [f"snapshot {i}" + ("" if isinstance(s, Mapping) else f" ({s})") for i, s in enumerate(sources)]
     headers = [_header(_load(s), w) for s, w in zip(sources, where)]
     target = _target_step([h[0] for h in headers], step)
@@ -425,7 +451,9 @@ def reconstruct(
     keys = headers[inputs[0][0]][2]
     for i, *_ in inputs:
         if set(headers[i][2]) != set(keys):
-            raise ValueError(f"{where[i]} has other keys than {where[inputs[0][0]]}; are they from the same model?")
+            raise ValueError(
+                f"{where[i]} has other keys than {where[inputs[0][0]]}; are they from the same model?"
+            )
     acc: list[dict] = [{} for _ in targets]
     for i in dict.fromkeys(i for i, *_ in inputs):  # by time, each once
         shadows = _load(sources[i])["shadows"]

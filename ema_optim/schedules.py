@@ -205,7 +205,9 @@ def power(gamma: float | None = None, *, sigma_rel: float | None = None) -> Sche
         <https://arxiv.org/abs/2312.02696>`_, 2023 (Section 3.1, Eq. 127).
     """
     if (gamma is None) == (sigma_rel is None):
-        raise ValueError("pass exactly one of gamma (>= 0) or sigma_rel (in (0, 12 ** -0.5]), e.g. power(sigma_rel=0.05)")
+        raise ValueError(
+            "pass exactly one of gamma (>= 0) or sigma_rel (in (0, 12 ** -0.5]), e.g. power(sigma_rel=0.05)"
+        )
     if gamma is None:
         gamma = sigma_rel_to_gamma(sigma_rel)
         sigma_rel = float(sigma_rel)  # as given, not recomputed from the rounded gamma

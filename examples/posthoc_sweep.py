@@ -1,11 +1,11 @@
 """Post-hoc EMA: train once, then choose the averaging length by sweeping sigma_rel.
 
-    python examples/posthoc_sweep.py                    # ~30 s on 2 CPU cores
+    python examples/posthoc_sweep.py                    # under a minute on 2 CPU cores
     python examples/posthoc_sweep.py --plot sweep.png   # also draw the sweep (needs matplotlib)
 
 A small MLP learns a noisy nonlinear target from a stream of fresh batches with Adam at a
-constant learning rate, so its weights jitter from batch to batch. The optimizer tracks two power-function EMAs
-(sigma_rel 0.05 and 0.10, EDM2's choice) and a snapshot of both is saved every ``--every``
+constant learning rate, so its weights jitter from batch to batch. The optimizer tracks two
+power-function EMAs (sigma_rel 0.05 and 0.10, EDM2's choice) and a snapshot of both is saved every ``--every``
 updates. After training, ``posthoc.reconstruct`` rebuilds the EMA for a sweep of sigma_rel
 from those snapshots, and each is scored on a held-out set, next to the online model and
 the two tracked shadows. See docs/posthoc.md.
@@ -38,7 +38,10 @@ class Task:
 
     def __init__(self, seed: int, noise: float = 0.5, n_val: int = 4096) -> None:
         gen = torch.Generator().manual_seed(seed)
-        self.w1, self.w2 = torch.randn(16, 32, generator=gen) / 4, torch.randn(32, 1, generator=gen) * 3 / 32**0.5
+        self.w1, self.w2 = (
+            torch.randn(16, 32, generator=gen) / 4,
+            torch.randn(32, 1, generator=gen) * 3 / 32**0.5,
+        )
         self.noise, self.gen = noise, gen
         self.x_val, self.y_val = self.sample(n_val)
 
@@ -115,7 +118,9 @@ def main(argv=None) -> list[tuple[str, float]]:
     parser.add_argument("--steps", type=int, default=3000, help="training updates")
     parser.add_argument("--every", type=int, default=100, help="save a snapshot every this many updates")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep", metavar="DIR", help="keep the snapshots in DIR (default: a temporary folder)")
+    parser.add_argument(
+        "--keep", metavar="DIR", help="keep the snapshots in DIR (default: a temporary folder)"
+    )
     parser.add_argument("--plot", metavar="FILE.png", help="draw validation loss against sigma_rel")
     args = parser.parse_args(argv)
 
@@ -127,7 +132,8 @@ def main(argv=None) -> list[tuple[str, float]]:
         folder.mkdir(parents=True, exist_ok=True)
         paths = train(model, opt, task, args.steps, args.every, folder)
         size = sum(p.stat().st_size for p in paths)
-        print(f"{args.steps} updates, {len(paths)} snapshots ({size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s")
+        took = time.perf_counter() - start
+        print(f"{args.steps} updates, {len(paths)} snapshots ({size / 2**20:.1f} MiB) in {took:.1f} s")
         rows = score(model, opt, task, paths)
     best = min(rows[3:], key=lambda r: r[1])
     print(f"\n{'model':<32}{'val MSE':>10}")
