@@ -21,7 +21,9 @@ import math
 import numbers
 from typing import Callable
 
-__all__ = ["warmup", "polyak", "half_life", "linear", "cosine"]
+from .posthoc import gamma_to_sigma_rel, sigma_rel_to_gamma
+
+__all__ = ["warmup", "polyak", "half_life", "linear", "cosine", "power"]
 
 Schedule = Callable[[int], float]
 
@@ -166,4 +168,57 @@ def cosine(start: float, end: float, steps: int) -> Schedule:
     def decay(t: int) -> float:
         return end + (start - end) * (1.0 + math.cos(math.pi * min(t, steps) / steps)) / 2.0
 
+    return decay
+
+
+def power(gamma: float | None = None, *, sigma_rel: float | None = None) -> Schedule:
+    """The power-function EMA of Karras et al. (EDM2): ``decay(t) = (t / (t + 1)) ** (gamma + 1)``.
+
+    After ``k`` updates of weights ``w_1..w_k`` the shadow is ``sum_s c_s w_s`` with
+    ``c_s = (s ** (gamma + 1) - (s - 1) ** (gamma + 1)) / k ** (gamma + 1)``: a profile that
+    grows like ``s ** gamma``, so the average always covers the same *fraction* of training,
+    of relative width ``sigma_rel`` (``sigma_rel = 0.05`` puts 85% of the weight on the last
+    10% of the updates, ``0.10`` puts 57% there).
+    ``gamma = 0`` is :func:`polyak` (the arithmetic mean, ``sigma_rel = 12 ** -0.5``).
+    ``t`` counts EMA updates, so ``update_every`` and ``update_after_step`` need no correction.
+    Two or more such shadows, snapshotted during training, let :mod:`ema_optim.posthoc`
+    reconstruct any other ``sigma_rel`` afterwards.
+
+    Args:
+        gamma: the exponent, >= 0.
+        sigma_rel: the relative width instead, in ``(0, 12 ** -0.5]``; EDM2 tracks 0.05 and 0.10.
+
+    Returns:
+        The schedule, with attributes ``gamma`` and ``sigma_rel``
+        (``sigma_rel = sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))``).
+
+    Raises:
+        ValueError: neither or both of ``gamma`` and ``sigma_rel``, or one out of range.
+
+    Example:
+        >>> d = power(sigma_rel=0.10)
+        >>> round(d.gamma, 4), d(0), round(d(9), 4)
+        (6.9372, 0.0, 0.4333)
+
+    References:
+        Karras et al., `Analyzing and improving the training dynamics of diffusion models
+        <https://arxiv.org/abs/2312.02696>`_, 2023 (Section 3.1, Eq. 127).
+    """
+    if (gamma is None) == (sigma_rel is None):
+        raise ValueError(
+            "pass exactly one of gamma (>= 0) or sigma_rel (in (0, 12 ** -0.5]), e.g. power(sigma_rel=0.05)"
+        )
+    if gamma is None:
+        gamma = sigma_rel_to_gamma(sigma_rel)
+        sigma_rel = float(sigma_rel)  # as given, not recomputed from the rounded gamma
+    else:
+        sigma_rel = gamma_to_sigma_rel(gamma)
+        gamma = float(gamma)
+    exponent = gamma + 1.0
+
+    def decay(t: int) -> float:
+        return (t / (t + 1.0)) ** exponent
+
+    decay.gamma = gamma  # type: ignore[attr-defined]
+    decay.sigma_rel = sigma_rel  # type: ignore[attr-defined]
     return decay

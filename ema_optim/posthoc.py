@@ -1,0 +1,465 @@
+"""Post-hoc EMA: choose the averaging length after training (Karras et al., EDM2).
+
+Train with two or more power-function EMAs (:func:`ema_optim.schedules.power`), save a
+:func:`snapshot` of them every few thousand updates, and after training :func:`reconstruct`
+the power-function EMA of any ``sigma_rel`` at any snapshot time, as a least-squares
+combination of the snapshots::
+
+    opt = EMAOptimizer(inner, decay=(schedules.power(sigma_rel=0.05), schedules.power(sigma_rel=0.10)))
+    ...
+    if num_updates % 1000 == 0:
+        torch.save(posthoc.snapshot(opt, model), f"snap-{num_updates:08d}.pt")
+    ...
+    ema = posthoc.reconstruct(sorted(glob.glob("snap-*.pt")), sigma_rel=0.15)
+    model.load_state_dict(ema, strict=False)
+
+The power-function EMA with exponent ``gamma`` after ``t`` EMA updates of the weights
+``w_1..w_t`` is ``sum_s c_s w_s`` with
+``c_s = (s ** (gamma + 1) - (s - 1) ** (gamma + 1)) / t ** (gamma + 1)``: the average of the
+piecewise-constant weight path under the profile
+``p(tau) = (gamma + 1) * tau ** gamma / t ** (gamma + 1)`` on ``[0, t]``. Its width relative
+to ``t`` is ``sigma_rel = sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))``. Time is the
+EMA update count, so ``update_every`` needs no correction.
+
+Snapshot format (plain dicts, lists, ints, floats and tensors, so ``torch.save`` and
+``torch.load(weights_only=True)`` handle it, and ``torch.distributed.checkpoint`` too)::
+
+    {"version": 1,
+     "ema_updates": 4096,                  # t, the optimizer's EMA update count
+     "gamma": [16.97, 6.94],               # one per power shadow
+     "shadows": [{key: tensor, ...}, ...]} # one dict per power shadow, same keys
+
+Memory and storage: a snapshot holds ``shadows x params`` values in the shadow dtype (or the
+``dtype`` you pass); :func:`reconstruct` keeps one snapshot and ``targets x params`` float64
+accumulators in memory at a time.
+
+References:
+    Karras, Aittala, Lehtinen, Hellsten, Aila, Laine. `Analyzing and improving the training
+    dynamics of diffusion models <https://arxiv.org/abs/2312.02696>`_, 2023 (Algorithms 2-3,
+    Eq. 151). NVlabs/edm2 is the reference implementation.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["sigma_rel_to_gamma", "gamma_to_sigma_rel", "snapshot", "solve", "reconstruct"]
+
+SIGMA_REL_MAX = 12.0**-0.5  # gamma = 0, the arithmetic mean (uniform profile)
+VERSION = 1
+
+Snapshot = Union[Mapping[str, Any], str, "os.PathLike[str]"]
+
+
+# ---------------------------------------------------------------------------- gamma <-> sigma_rel
+
+
+def _check_number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """The power-function exponent ``gamma`` whose profile has relative width ``sigma_rel``.
+
+    The largest real root of ``g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2) = 0``, ``s = sigma_rel``
+    (EDM2, Eq. 126 / Algorithm 2), found by Newton's method in float64.
+
+    Args:
+        sigma_rel: in ``(0, 12 ** -0.5]``; ``12 ** -0.5`` is ``gamma = 0``, the arithmetic mean.
+
+    Raises:
+        ValueError: ``sigma_rel`` outside ``(0, 12 ** -0.5]``.
+
+    Example:
+        >>> round(sigma_rel_to_gamma(0.05), 6), round(sigma_rel_to_gamma(0.10), 6)
+        (16.972199, 6.937204)
+    """
+    s = _check_number("sigma_rel", sigma_rel)
+    if not 0.0 < s <= SIGMA_REL_MAX:
+        raise ValueError(
+            f"sigma_rel must be in (0, 12 ** -0.5 = {SIGMA_REL_MAX:.6f}], got {s}; "
+            "12 ** -0.5 is the arithmetic mean, smaller values average over a shorter recent window"
+        )
+    q = s**-2
+    # f(g) = (g + 2)^2 (g + 3) - q (g + 1) is convex for g > -7/3 and positive at g = 1/s, so
+    # Newton's method from there descends monotonically onto the largest root (>= 0 as q >= 12).
+    g = 1.0 / s
+    for _ in range(100):
+        f = ((g + 7.0) * g + 16.0 - q) * g + 12.0 - q
+        slope = (3.0 * g + 14.0) * g + 16.0 - q
+        nxt = g - f / slope
+        if not nxt < g:
+            break
+        g = nxt
+    return max(g, 0.0)
+
+
+def gamma_to_sigma_rel(gamma: float) -> float:
+    """The relative width ``sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))`` of a power profile.
+
+    Args:
+        gamma: the exponent, a finite number >= 0.
+
+    Raises:
+        ValueError: ``gamma`` negative or not finite.
+
+    Example:
+        >>> gamma_to_sigma_rel(0.0) == 12 ** -0.5
+        True
+    """
+    g = _check_number("gamma", gamma)
+    if g < 0.0:
+        raise ValueError(f"gamma must be >= 0, got {g} (gamma = 0 is the arithmetic mean)")
+    return math.sqrt((g + 1.0) / ((g + 2.0) ** 2 * (g + 3.0)))
+
+
+# ---------------------------------------------------------------------------- snapshot
+
+
+def _power_shadows(opt: Any) -> list[tuple[int, float]]:
+    """``(k, gamma)`` of each shadow of ``opt`` whose decay is a :func:`schedules.power` schedule."""
+    decays = opt.decay if isinstance(opt.decay, (tuple, list)) else (opt.decay,)
+    found = [(k, float(d.gamma)) for k, d in enumerate(decays) if getattr(d, "gamma", None) is not None]
+    if not found:
+        raise ValueError(
+            f"the optimizer has no power shadow (decay={opt.decay!r}); post-hoc EMA needs shadows "
+            "with decay=schedules.power(...), e.g. decay=(schedules.power(sigma_rel=0.05), "
+            "schedules.power(sigma_rel=0.10))"
+        )
+    return found
+
+
+def _ema_updates(sd: Mapping[str, Any]) -> int:
+    for group in sd["param_groups"]:
+        t = group.get("ema_updates")
+        if isinstance(t, int) and not isinstance(t, bool):
+            return t
+    raise ValueError(
+        "the optimizer's state dict has no 'ema_updates' counter; snapshot() needs an EMAOptimizer"
+    )
+
+
+def _param_names(opt: Any, model: Optional[torch.nn.Module]) -> dict[int, Union[int, str]]:
+    """State-dict index -> snapshot key: the param's name in ``model``, else the index itself."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if model is None:
+        return {i: i for i in range(len(params))}
+    names = {id(p): name for name, p in model.named_parameters()}
+    missing = [i for i, p in enumerate(params) if id(p) not in names]
+    if missing:
+        raise ValueError(
+            f"params {missing} of the optimizer are not parameters of the model passed to snapshot(); "
+            "pass the model the optimizer trains, or model=None to key the shadows by param index"
+        )
+    return {i: names[id(p)] for i, p in enumerate(params)}
+
+
+def _copy(value: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+    return value.detach().to(dtype=dtype or value.dtype, copy=True)
+
+
+def snapshot(opt: Any, model: Optional[torch.nn.Module] = None, dtype: Optional[torch.dtype] = None) -> dict:
+    """What :func:`reconstruct` needs from ``opt`` now: its EMA update count and its power shadows.
+
+    Call it every N EMA updates (after ``opt.step()``) and ``torch.save`` the result; keep every
+    snapshot of the run (old ones matter for the reconstruction).
+
+    Args:
+        opt: an :class:`~ema_optim.EMAOptimizer` with one or more ``schedules.power`` shadows.
+            Other shadows are left out. Offloaded updates are waited for; inside
+            ``swap_ema_weights()`` the shadows are still the averages.
+        model: if given, the shadows are keyed by the names of its parameters (so the
+            reconstruction loads with ``model.load_state_dict(result, strict=False)``);
+            otherwise by the param indices of ``opt.state_dict()``. Averaged buffers are
+            keyed by their buffer names either way.
+        dtype: store the shadows in this dtype (``torch.float16`` halves the storage of float32
+            shadows at the cost of about 3-5e-3 in the reconstruction error); default the
+            shadow dtype. The tensors are copies on the shadows' device.
+
+    Returns:
+        ``{"version": 1, "ema_updates": int, "gamma": [float, ...], "shadows": [{key: Tensor}, ...]}``.
+
+    Raises:
+        ValueError: no power shadow, no shadows yet (take snapshots after ``opt.step()``), or
+            a param of ``opt`` missing from ``model``.
+    """
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    power = _power_shadows(opt)
+    sd = opt.state_dict()
+    names = _param_names(opt, model)
+    shadows = []
+    for k, _ in power:
+        key = "ema" if k == 0 else f"ema_{k}"
+        found = {
+            names[i]: _copy(s[key], dtype)
+            for i, s in sd["state"].items()
+            if isinstance(s, Mapping) and key in s
+        }
+        buffer_shadows = getattr(opt, "_buffer_shadows", None)
+        if buffer_shadows is not None:
+            found.update({name: _copy(b, dtype) for name, b in buffer_shadows(k).items()})
+        shadows.append(found)
+    if not any(shadows):
+        raise ValueError("the optimizer has no shadows yet; take snapshots after opt.step()")
+    return {
+        "version": VERSION,
+        "ema_updates": _ema_updates(sd),
+        "gamma": [g for _, g in power],
+        "shadows": shadows,
+    }
+
+
+# ---------------------------------------------------------------------------- solve
+
+
+def _as_float64(name: str, values: Any) -> Tensor:
+    try:
+        out = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{name} must be a sequence of numbers, got {type(values).__name__}") from err
+    if not torch.isfinite(out).all():
+        raise ValueError(f"{name} must be finite, got {out.tolist()}")
+    return out
+
+
+def _profiles(t_name: str, t: Any, gamma: Any) -> tuple[Tensor, Tensor]:
+    g_name = "gamma_" + t_name[2:]
+    t, gamma = _as_float64(t_name, t), _as_float64(g_name, gamma)
+    if t.numel() != gamma.numel():
+        raise ValueError(
+            f"{t_name} and {g_name} must have the same length, got {t.numel()} and {gamma.numel()}"
+        )
+    if t.numel() == 0:
+        raise ValueError(f"{t_name} must not be empty")
+    if (t <= 0).any():
+        raise ValueError(f"{t_name} must be > 0 (EMA updates), got {t.tolist()}")
+    if (gamma < 0).any():
+        raise ValueError(f"{g_name} must be >= 0, got {gamma.tolist()}")
+    return t, gamma
+
+
+def _inner_products(t_a: Tensor, g_a: Tensor, t_b: Tensor, g_b: Tensor) -> Tensor:
+    """``<p_a, p_b>`` for every pair of power profiles ``p(tau) = (g + 1) tau^g / t^(g + 1)`` on ``[0, t]``.
+
+    With ``t_lo <= t_hi`` the product is ``int_0^t_lo p_a p_b`` =
+    ``(g_a + 1)(g_b + 1) / ((g_a + g_b + 1) t_hi) * (t_lo / t_hi) ** g_hi``, ``g_hi`` the exponent of
+    the profile that ends at ``t_hi`` (EDM2 Eq. 151). Rows: profiles a; columns: profiles b.
+    """
+    t_a, g_a, t_b, g_b = t_a[:, None], g_a[:, None], t_b[None, :], g_b[None, :]
+    t_hi = torch.maximum(t_a, t_b)
+    g_hi = torch.where(t_a >= t_b, g_a, g_b)
+    ratio = torch.minimum(t_a, t_b) / t_hi
+    return (g_a + 1) * (g_b + 1) / ((g_a + g_b + 1) * t_hi) * ratio**g_hi
+
+
+def solve(
+    t_in: Sequence[float], gamma_in: Sequence[float], t_out: Sequence[float], gamma_out: Sequence[float]
+) -> Tensor:
+    """Coefficients ``X`` such that ``sum_i X[i, j] * input_i`` best approximates target profile ``j``.
+
+    Each profile is a power-function EMA ending at time ``t`` (in EMA updates) with exponent
+    ``gamma``. ``X`` solves the least-squares normal equations ``A X = B`` with the closed-form
+    inner products ``A = <inputs, inputs>``, ``B = <inputs, targets>`` (EDM2 Eq. 151 /
+    Algorithm 3), in float64; each column is then normalised to sum to 1, so that a constant
+    weight comes back exactly.
+
+    Args:
+        t_in, gamma_in: the input profiles (e.g. every power shadow of every snapshot).
+        t_out, gamma_out: the target profiles.
+
+    Returns:
+        A float64 tensor of shape ``(len(t_in), len(t_out))``.
+
+    Raises:
+        ValueError: mismatched lengths, ``t <= 0``, ``gamma < 0``, or a singular system (e.g.
+            the same input profile twice).
+
+    Example:
+        >>> x = solve([100, 100, 200], [6.9, 17.0, 6.9], [200], [17.0])
+        >>> tuple(x.shape), round(float(x.sum()), 12)
+        ((3, 1), 1.0)
+    """
+    t_in, gamma_in = _profiles("t_in", t_in, gamma_in)
+    t_out, gamma_out = _profiles("t_out", t_out, gamma_out)
+    a = _inner_products(t_in, gamma_in, t_in, gamma_in)
+    b = _inner_products(t_in, gamma_in, t_out, gamma_out)
+    try:
+        x = torch.linalg.solve(a, b)
+    except torch.linalg.LinAlgError as err:
+        raise ValueError(
+            f"the input profiles give a singular system ({err}); are some of them the same?"
+        ) from err
+    total = x.sum(dim=0)
+    if not torch.isfinite(x).all() or (total.abs() < 1e-8).any():
+        raise ValueError("the input profiles give a singular system; are some of them the same?")
+    return x / total
+
+
+# ---------------------------------------------------------------------------- reconstruct
+
+
+def _load(source: Snapshot) -> Mapping[str, Any]:
+    """A snapshot dict as is, or a saved one memory-mapped: its tensors are read from disk when used."""
+    if isinstance(source, Mapping):
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"each snapshot must be a dict from snapshot() or a path, got {type(source).__name__}"
+        )
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a file in torch's legacy format cannot be memory-mapped
+        return torch.load(source, map_location="cpu", weights_only=True)
+
+
+def _header(snap: Mapping[str, Any], where: str) -> tuple[int, list[float], list]:
+    """``(t, gammas, keys)`` of a snapshot, checked."""
+    if not isinstance(snap, Mapping) or snap.get("version") != VERSION:
+        raise ValueError(f"{where} is not a snapshot from ema_optim.posthoc.snapshot() (version {VERSION})")
+    t, gammas, shadows = snap.get("ema_updates"), snap.get("gamma"), snap.get("shadows")
+    if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+        raise ValueError(f"{where}: 'ema_updates' must be an int >= 0, got {t!r}")
+    ok = (
+        isinstance(gammas, (list, tuple))
+        and isinstance(shadows, (list, tuple))
+        and len(gammas) == len(shadows)
+    )
+    if not ok or not gammas or not all(isinstance(s, Mapping) for s in shadows):
+        raise ValueError(f"{where}: 'gamma' and 'shadows' must be lists of the same non-zero length")
+    keys = list(shadows[0])
+    if any(set(s) != set(keys) for s in shadows):
+        raise ValueError(f"{where}: its shadows do not all have the same keys")
+    return t, [float(g) for g in gammas], keys
+
+
+def _targets(sigma_rel: Any, gamma: Any) -> tuple[list[float], bool]:
+    """Target gammas, and whether a list was passed."""
+    if (sigma_rel is None) == (gamma is None):
+        raise ValueError("pass exactly one of sigma_rel= or gamma= (a number, or a list of them)")
+    value = sigma_rel if gamma is None else gamma
+    many = isinstance(value, (list, tuple))
+    values = list(value) if many else [value]
+    if not values:
+        raise ValueError("the list of targets is empty")
+    if gamma is None:
+        return [sigma_rel_to_gamma(v) for v in values], many
+    for g in values:
+        gamma_to_sigma_rel(g)  # checks it
+    return [float(g) for g in values], many
+
+
+def _target_step(times: list[int], step: Any) -> int:
+    if step is None:
+        return max(times)
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"step must be an int (an EMA update count), got {type(step).__name__}")
+    if step not in times:
+        raise ValueError(
+            f"step={step} is not the time of any snapshot; the snapshots were taken at "
+            f"ema_updates {sorted(set(times))}. Reconstruct at one of those."
+        )
+    return int(step)
+
+
+def _inputs(headers: list[tuple[int, list[float], list]], target: int) -> list[tuple[int, int, int, float]]:
+    """``(snapshot, shadow, t, gamma)`` of each distinct input profile with ``0 < t <= target``."""
+    seen, inputs = set(), []
+    for i in sorted(range(len(headers)), key=lambda i: headers[i][0]):  # the same sums in any order
+        t, gammas, _ = headers[i]
+        for j, g in enumerate(gammas):
+            if 0 < t <= target and (t, g) not in seen:
+                seen.add((t, g))
+                inputs.append((i, j, t, g))
+    if len(inputs) < 2:
+        raise ValueError(
+            f"only {len(inputs)} distinct power profile(s) at 0 < t <= {target}; a reconstruction needs two "
+            "or more: track two power shadows, e.g. decay=(schedules.power(sigma_rel=0.05), "
+            "schedules.power(sigma_rel=0.10)), and keep every snapshot"
+        )
+    return inputs
+
+
+def _accumulate_(acc: list[dict], shadow: Mapping, weights: Tensor, keys: list) -> None:
+    for out, x in zip(acc, weights.tolist()):
+        for key in keys:
+            value = shadow[key]
+            if key not in out:  # float64 sums; MPS has no float64
+                wide = torch.float32 if value.device.type == "mps" else torch.float64
+                out[key] = torch.zeros_like(value, dtype=wide)
+            out[key].add_(value, alpha=x)
+
+
+def reconstruct(
+    snapshots: Sequence[Snapshot],
+    sigma_rel: Union[float, Sequence[float], None] = None,
+    *,
+    gamma: Union[float, Sequence[float], None] = None,
+    step: Optional[int] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Union[dict, list[dict]]:
+    """The power-function EMA of width ``sigma_rel`` (or exponent ``gamma``) at time ``step``, from snapshots.
+
+    Every power shadow of every snapshot with ``0 < t <= step`` is one input profile (later
+    snapshots never leak in; profiles that appear twice are used once); :func:`solve` finds
+    the coefficients in float64 and the result is ``sum_i x_i * shadow_i``, summed in float64.
+    Saved snapshots are opened memory-mapped (their headers first, their tensors read once,
+    one snapshot at a time), so memory holds one snapshot plus one float64 sum per target.
+
+    Args:
+        snapshots: snapshot dicts from :func:`snapshot`, or paths of saved ones, in any order.
+        sigma_rel: the target width(s), in ``(0, 12 ** -0.5]``; a list for several targets.
+        gamma: the target exponent(s) instead of ``sigma_rel``.
+        step: the target time in EMA updates; it must be the ``ema_updates`` of one snapshot.
+            Default: the latest snapshot.
+        dtype: dtype of the returned tensors.
+
+    Returns:
+        ``{key: tensor}`` with the snapshots' keys (``model.load_state_dict(result,
+        strict=False)`` loads it when the snapshots were keyed by ``model``), or a list of
+        such dicts when a list of targets is passed.
+
+    Raises:
+        ValueError: no or both of ``sigma_rel``/``gamma``, a value out of range, ``step`` not a
+            snapshot time, fewer than two distinct input profiles, a singular system, or
+            snapshots that are not from :func:`snapshot` or disagree on their keys.
+    """
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    targets, many = _targets(sigma_rel, gamma)
+    sources = list(snapshots)
+    if not sources:
+        raise ValueError(
+            "no snapshots given; pass the dicts from posthoc.snapshot() or the paths they were saved to"
+        )
+    where = [f"snapshot {i}" + ("" if isinstance(s, Mapping) else f" ({s})") for i, s in enumerate(sources)]
+    headers = [_header(_load(s), w) for s, w in zip(sources, where)]
+    target = _target_step([h[0] for h in headers], step)
+    inputs = _inputs(headers, target)
+    x = solve([t for *_, t, _ in inputs], [g for *_, g in inputs], [target] * len(targets), targets)
+    keys = headers[inputs[0][0]][2]
+    for i, *_ in inputs:
+        if set(headers[i][2]) != set(keys):
+            raise ValueError(
+                f"{where[i]} has other keys than {where[inputs[0][0]]}; are they from the same model?"
+            )
+    acc: list[dict] = [{} for _ in targets]
+    for i in dict.fromkeys(i for i, *_ in inputs):  # by time, each once
+        shadows = _load(sources[i])["shadows"]
+        for row, (snap, j, _, _) in enumerate(inputs):
+            if snap == i:
+                _accumulate_(acc, shadows[j], x[row], keys)
+        del shadows  # one snapshot in memory at a time
+    result = [{key: out[key].to(dtype) for key in keys} for out in acc]
+    return result if many else result[0]

@@ -1,0 +1,613 @@
+"""ema_optim.posthoc against float64 references: the conversions, solve, reconstruct and snapshot.
+
+The references here are independent of the module: the cubic's roots from numpy, profile inner
+products by numerical quadrature, and power EMAs simulated by their update recursion.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+
+import numpy as np
+import pytest
+import torch
+
+import ema_optim.posthoc as posthoc
+from ema_optim import EMAOptimizer, schedules
+
+F64 = torch.float64
+
+
+def power_emas(weights: torch.Tensor, gammas: list[float], record=()) -> tuple[torch.Tensor, dict]:
+    """Simulate power EMAs by their recursion: ema <- d ema + (1 - d) w, d = (t / (t + 1)) ** (g + 1).
+
+    ``weights`` is (T, P); returns the (len(gammas), P) shadows after T updates and
+    ``{t: shadows}`` for each ``t`` in ``record``.
+    """
+    g = torch.tensor(gammas, dtype=F64)[:, None]
+    ema = weights[0].expand(len(gammas), -1).clone()
+    seen = {}
+    for t in range(weights.shape[0]):  # t updates already done
+        d = (t / (t + 1.0)) ** (g + 1)
+        ema = d * ema + (1 - d) * weights[t]
+        if t + 1 in record:
+            seen[t + 1] = ema.clone()
+    return ema, seen
+
+
+def as_snapshot(t: int, gammas: list[float], shadows: torch.Tensor, dtype=None) -> dict:
+    """A snapshot dict (the documented format) of simulated shadows, split over two keys."""
+    parts = [{"a": s[:100].to(dtype or s.dtype), "b.weight": s[100:].to(dtype or s.dtype)} for s in shadows]
+    return {"version": 1, "ema_updates": t, "gamma": list(gammas), "shadows": parts}
+
+
+def joined(result: dict) -> torch.Tensor:
+    return torch.cat([result["a"], result["b.weight"]])
+
+
+# ---------------------------------------------------------------------------- gamma <-> sigma_rel
+
+
+def test_sigma_rel_to_gamma_facts():
+    # the issue's values (from numpy.roots); the exact roots differ from them by a few ulps
+    assert posthoc.sigma_rel_to_gamma(0.05) == pytest.approx(16.972198602303443, rel=1e-14)
+    assert posthoc.sigma_rel_to_gamma(0.10) == pytest.approx(6.937203937601809, rel=1e-14)
+
+
+@pytest.mark.parametrize("s", [0.01, 0.03, 0.05, 0.1, 0.2, 0.28, 0.288, 12**-0.5])
+def test_sigma_rel_to_gamma_is_the_largest_root(s):
+    q = s**-2
+    largest = max(r.real for r in np.roots([1, 7, 16 - q, 12 - q]) if abs(r.imag) < 1e-9)
+    assert posthoc.sigma_rel_to_gamma(s) == pytest.approx(max(largest, 0.0), rel=1e-12, abs=1e-12)
+
+
+def test_round_trip():
+    for s in np.linspace(0.01, 0.28, 541):
+        back = posthoc.gamma_to_sigma_rel(posthoc.sigma_rel_to_gamma(float(s)))
+        assert abs(back - s) <= 1e-12 * s
+    for g in (0.0, 0.5, 3.0, 6.94, 16.97, 100.0):
+        assert posthoc.sigma_rel_to_gamma(posthoc.gamma_to_sigma_rel(g)) == pytest.approx(
+            g, rel=1e-11, abs=1e-12
+        )
+
+
+def test_gamma_zero_is_the_uniform_profile():
+    assert posthoc.gamma_to_sigma_rel(0) == 12**-0.5  # std of U(0, 1)
+    assert posthoc.sigma_rel_to_gamma(12**-0.5) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_gamma_zero_shadow_is_the_arithmetic_mean():
+    torch.manual_seed(1)
+    model = torch.nn.Linear(4, 2).double()
+    opt = EMAOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), decay=schedules.power(gamma=0), update_every=3
+    )
+    seen = []
+    for n in range(1, 61):
+        model(torch.randn(8, 4, dtype=F64)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if n % 3 == 0:
+            seen.append(model.weight.detach().clone())
+    torch.testing.assert_close(opt.state[model.weight]["ema"], torch.stack(seen).mean(0), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("s", [0.0, -0.01, 12**-0.5 * (1 + 1e-12), 0.3, 1.0, float("nan"), float("inf")])
+def test_sigma_rel_out_of_range(s):
+    with pytest.raises(ValueError, match="sigma_rel"):
+        posthoc.sigma_rel_to_gamma(s)
+
+
+@pytest.mark.parametrize("g", [-1e-9, -0.5, float("nan"), float("inf")])
+def test_gamma_out_of_range(g):
+    with pytest.raises(ValueError, match="gamma"):
+        posthoc.gamma_to_sigma_rel(g)
+
+
+def test_conversions_reject_non_numbers():
+    for f in (posthoc.sigma_rel_to_gamma, posthoc.gamma_to_sigma_rel):
+        with pytest.raises(TypeError):
+            f("0.1")
+
+
+# ---------------------------------------------------------------------------- solve
+
+
+def quadrature_gram(t_a, g_a, t_b, g_b, n=400_000) -> torch.Tensor:
+    """<p_a, p_b> by the midpoint rule, p(tau) = (g + 1) tau^g / t^(g + 1) on [0, t]."""
+    top = max(max(t_a), max(t_b))
+    tau = (torch.arange(n, dtype=F64) + 0.5) * (top / n)
+
+    def profiles(ts, gs):
+        return torch.stack(
+            [torch.where(tau <= t, (g + 1) * tau**g / t ** (g + 1), 0.0) for t, g in zip(ts, gs)]
+        )
+
+    return profiles(t_a, g_a) @ profiles(t_b, g_b).T * (top / n)
+
+
+def test_solve_matches_quadrature_least_squares():
+    t_in, g_in = [100, 100, 250, 250, 400, 400], [16.97, 6.94] * 3
+    t_out, g_out = [400, 400, 250], [10.0, 3.0, 30.0]
+    x = posthoc.solve(t_in, g_in, t_out, g_out)
+    assert x.dtype == F64 and x.shape == (6, 3)
+    a = quadrature_gram(t_in, g_in, t_in, g_in)
+    b = quadrature_gram(t_in, g_in, t_out, g_out)
+    ref = torch.linalg.solve(a, b)
+    ref = ref / ref.sum(0)
+    torch.testing.assert_close(x, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(x.sum(0), torch.ones(3, dtype=F64), atol=1e-14, rtol=0)
+
+
+def test_solve_target_among_inputs_is_a_unit_vector():
+    t_in = [64 * k for k in range(1, 9) for _ in range(2)]
+    g_in = [16.97, 6.94] * 8
+    x = posthoc.solve(t_in, g_in, t_in, g_in)
+    torch.testing.assert_close(x, torch.eye(16, dtype=F64), atol=1e-8, rtol=0)
+    y = posthoc.solve([10, 20, 30], [0.0, 0.0, 5.0], [20], [0.0])  # gamma = 0 among them
+    torch.testing.assert_close(y[:, 0], torch.tensor([0.0, 1.0, 0.0], dtype=F64), atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (([10, 10], [5.0, 5.0], [10], [6.0]), "singular"),
+        (([10, 20], [5.0], [10], [6.0]), "same length"),
+        (([0, 20], [5.0, 6.0], [10], [6.0]), "> 0"),
+        (([10, 20], [5.0, -1.0], [10], [6.0]), ">= 0"),
+        (([10, 20], [5.0, 6.0], [], []), "empty"),
+        (([10, float("nan")], [5.0, 6.0], [10], [6.0]), "finite"),
+    ],
+)
+def test_solve_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        posthoc.solve(*args)
+
+
+# ---------------------------------------------------------------------------- reconstruct: accuracy
+
+P, T, EVERY = 256, 4096, 64
+SIGMAS = (0.05, 0.10)
+
+
+@pytest.fixture(scope="module")
+def run():
+    """The issue's reference simulation: w_t = sin(pi f t / T) + 0.01 cumsum(N) + 0.1 N, seeded."""
+    gen = torch.Generator().manual_seed(0)
+    f = 4 * torch.rand(P, generator=gen, dtype=F64)
+    noise = torch.randn(T, P, generator=gen, dtype=F64)
+    t = torch.arange(1, T + 1, dtype=F64)[:, None]
+    weights = torch.sin(math.pi * f * t / T) + 0.01 * noise.cumsum(0) + 0.1 * noise
+    gammas = [posthoc.sigma_rel_to_gamma(s) for s in SIGMAS]
+    times = list(range(EVERY, T + 1, EVERY))
+    _, seen = power_emas(weights, gammas, record=set(times))
+    snaps = [as_snapshot(k, gammas, seen[k]) for k in times]
+    return weights, gammas, snaps
+
+
+def rel_error(recon: torch.Tensor, weights: torch.Tensor, sigma: float, target: int) -> float:
+    """||recon - EMA(sigma)|| / ||EMA(sigma) - EMA(1.1 sigma)|| at ``target``, EMAs simulated directly."""
+    truth, _ = power_emas(
+        weights[:target], [posthoc.sigma_rel_to_gamma(sigma), posthoc.sigma_rel_to_gamma(1.1 * sigma)]
+    )
+    return ((recon - truth[0]).norm() / (truth[0] - truth[1]).norm()).item()
+
+
+# (sigma_rel, target, the issue's reference error); the bound is twice that
+ACCURACY = [
+    (0.075, T, 3.1e-5),
+    (0.15, T, 5.4e-5),
+    (0.075, T // 2, 2.6e-4),
+    (0.15, T // 2, 5.4e-4),
+    (0.2, T, 8.7e-4),
+]
+
+
+@pytest.mark.parametrize("sigma, target, reference", ACCURACY)
+def test_accuracy(run, sigma, target, reference):
+    weights, _, snaps = run
+    recon = posthoc.reconstruct(snaps, sigma, step=target, dtype=F64)
+    err = rel_error(joined(recon), weights, sigma, target)
+    print(f"sigma_rel={sigma} t={target}: error {err:.2e} (reference {reference:.1e})")
+    assert err < 2 * reference
+
+
+def test_dropping_old_snapshots_hurts(run):
+    weights, _, snaps = run
+    err = rel_error(joined(posthoc.reconstruct(snaps[-20:], 0.15, dtype=F64)), weights, 0.15, T)
+    print(f"last 20 of 64 snapshots, sigma_rel=0.15: error {err:.2f} (reference 0.56)")
+    assert 0.3 < err < 1.0
+
+
+def test_fp16_snapshots_stay_accurate(run):
+    weights, _, snaps = run
+    half = [{**s, "shadows": [{k: v.half() for k, v in d.items()} for d in s["shadows"]]} for s in snaps]
+    for sigma in (0.075, 0.15):
+        err = rel_error(joined(posthoc.reconstruct(half, sigma, dtype=F64)), weights, sigma, T)
+        print(f"fp16 snapshots, sigma_rel={sigma}: error {err:.2e}")
+        assert err < 1e-2
+
+
+def test_tracked_profile_comes_back(run):
+    weights, gammas, snaps = run
+    recon = posthoc.reconstruct(snaps, SIGMAS[1], dtype=F64)
+    torch.testing.assert_close(
+        joined(recon), torch.cat([v for v in snaps[-1]["shadows"][1].values()]), atol=1e-8, rtol=0
+    )
+
+
+def test_several_targets_and_gamma(run):
+    _, _, snaps = run
+    many = posthoc.reconstruct(snaps, [0.07, 0.2], step=T // 2, dtype=F64)
+    assert isinstance(many, list) and len(many) == 2
+    for sigma, got in zip([0.07, 0.2], many):
+        one = posthoc.reconstruct(snaps, sigma, step=T // 2, dtype=F64)
+        torch.testing.assert_close(got, one, atol=1e-13, rtol=0)  # one solve with two right-hand sides
+        by_gamma = posthoc.reconstruct(snaps, gamma=posthoc.sigma_rel_to_gamma(sigma), step=T // 2, dtype=F64)
+        torch.testing.assert_close(by_gamma, one, atol=0, rtol=0)
+    assert isinstance(posthoc.reconstruct(snaps, gamma=[5.0]), list)
+
+
+def test_result_dtype_and_keys(run):
+    _, _, snaps = run
+    out = posthoc.reconstruct(snaps[:8], 0.1)
+    assert set(out) == {"a", "b.weight"} and all(v.dtype == torch.float32 for v in out.values())
+    assert posthoc.reconstruct(snaps[:8], 0.1, dtype=torch.bfloat16)["a"].dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------- reconstruct: rules
+
+
+def poisoned(snap: dict) -> dict:
+    return {
+        **snap,
+        "shadows": [{k: torch.full_like(v, float("nan")) for k, v in d.items()} for d in snap["shadows"]],
+    }
+
+
+def test_later_snapshots_never_leak_in(run):
+    _, _, snaps = run
+    half = [s for s in snaps if s["ema_updates"] <= T // 2]
+    clean = posthoc.reconstruct(half, 0.12, step=T // 2, dtype=F64)
+    # later snapshots (and one at t = 0) poisoned with NaN, in shuffled order
+    spoiled = [poisoned(s) if s["ema_updates"] > T // 2 else s for s in snaps][::-1]
+    spoiled.append(poisoned({**snaps[0], "ema_updates": 0}))
+    torch.testing.assert_close(
+        posthoc.reconstruct(spoiled, 0.12, step=T // 2, dtype=F64), clean, atol=0, rtol=0
+    )
+    # the default target is the latest snapshot
+    latest = posthoc.reconstruct(snaps[::-1], 0.12, dtype=F64)
+    torch.testing.assert_close(latest, posthoc.reconstruct(snaps, 0.12, step=T, dtype=F64), atol=0, rtol=0)
+
+
+def test_step_must_be_a_snapshot_time(run):
+    _, _, snaps = run
+    with pytest.raises(ValueError, match="not the time of any snapshot"):
+        posthoc.reconstruct(snaps, 0.1, step=T // 2 + 1)
+    with pytest.raises(ValueError, match="not the time of any snapshot"):
+        posthoc.reconstruct(snaps, 0.1, step=T + EVERY)
+    with pytest.raises(TypeError, match="step"):
+        posthoc.reconstruct(snaps, 0.1, step=float(T))
+
+
+def test_normalisation_constant_comes_back_exactly():
+    weights = torch.full((300, 4), 2.5, dtype=F64)
+    gammas = [posthoc.sigma_rel_to_gamma(s) for s in SIGMAS]
+    _, seen = power_emas(weights, gammas, record={100, 200, 300})
+    snaps = [
+        {"version": 1, "ema_updates": t, "gamma": gammas, "shadows": [{"w": s} for s in seen[t]]}
+        for t in seen
+    ]
+    for sigma in (0.02, 0.15, 0.25):
+        out = posthoc.reconstruct(snaps, sigma, dtype=F64)["w"]
+        torch.testing.assert_close(out, torch.full((4,), 2.5, dtype=F64), atol=1e-13, rtol=0)
+    # without the normalisation the sum of the coefficients is visibly off 1 here
+    t = torch.tensor([100.0, 100, 200, 200, 300, 300], dtype=F64)
+    g = torch.tensor(gammas * 3, dtype=F64)
+    raw = torch.linalg.solve(
+        quadrature_gram(t, g, t, g), quadrature_gram(t, g, [300], [posthoc.sigma_rel_to_gamma(0.25)])
+    )
+    assert abs(raw.sum().item() - 1) > 1e-2
+
+
+def test_needs_two_distinct_profiles(run):
+    _, gammas, snaps = run
+    one = {**snaps[3], "gamma": gammas[:1], "shadows": snaps[3]["shadows"][:1]}
+    same_gamma = {**snaps[3], "gamma": [gammas[0]] * 2}
+    for bad, step in (([one], None), ([one, one], None), ([same_gamma], None), ([one, snaps[4]], 256)):
+        with pytest.raises(ValueError, match="distinct power profile"):
+            posthoc.reconstruct(bad, 0.1, step=step)
+    posthoc.reconstruct([one, snaps[4]], 0.1)  # at t = 320 there are three
+    # the same snapshots passed twice count once
+    torch.testing.assert_close(
+        posthoc.reconstruct(snaps[:6] + snaps[:6], 0.1, dtype=F64),
+        posthoc.reconstruct(snaps[:6], 0.1, dtype=F64),
+        atol=0,
+        rtol=0,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({}, ValueError, "exactly one"),
+        ({"sigma_rel": 0.1, "gamma": 5.0}, ValueError, "exactly one"),
+        ({"sigma_rel": 0.4}, ValueError, "sigma_rel"),
+        ({"gamma": -2.0}, ValueError, "gamma"),
+        ({"sigma_rel": []}, ValueError, "empty"),
+        ({"sigma_rel": 0.1, "dtype": torch.int64}, TypeError, "dtype"),
+    ],
+)
+def test_reconstruct_bad_arguments(run, kwargs, error, match):
+    _, _, snaps = run
+    with pytest.raises(error, match=match):
+        posthoc.reconstruct(snaps[:4], **kwargs)
+
+
+def test_reconstruct_bad_snapshots(run):
+    _, _, snaps = run
+    s = snaps[2]
+    cases = [
+        ({k: v for k, v in s.items() if k != "version"}, "not a snapshot"),
+        ({**s, "ema_updates": -1}, "ema_updates"),
+        ({**s, "ema_updates": 1.5}, "ema_updates"),
+        ({**s, "gamma": s["gamma"][:1]}, "same non-zero length"),
+        ({**s, "shadows": [s["shadows"][0], {"a": s["shadows"][1]["a"]}]}, "same keys"),
+    ]
+    for bad, match in cases:
+        with pytest.raises(ValueError, match=match):
+            posthoc.reconstruct([snaps[0], snaps[1], bad], 0.1)
+    other_keys = {**s, "shadows": [{"c": v["a"], "b.weight": v["b.weight"]} for v in s["shadows"]]}
+    with pytest.raises(ValueError, match="other keys"):
+        posthoc.reconstruct([snaps[0], snaps[1], other_keys], 0.1)
+    with pytest.raises(TypeError, match="path"):
+        posthoc.reconstruct([snaps[0], 42], 0.1)
+    with pytest.raises(ValueError, match="no snapshots"):
+        posthoc.reconstruct([], 0.1)
+
+
+def test_paths_stream_one_snapshot_at_a_time(run, tmp_path, monkeypatch):
+    _, _, snaps = run
+    paths = []
+    for s in snaps[:16]:
+        paths.append(tmp_path / f"snap-{s['ema_updates']:06d}.pt")
+        torch.save(s, paths[-1])
+    alive: list[weakref.ref] = []
+    real_load = torch.load
+
+    def load(*args, **kwargs):
+        assert kwargs.get("weights_only") is True
+        assert not [r for r in alive if r() is not None], "an earlier snapshot is still in memory"
+        snap = real_load(*args, **kwargs)
+        alive.extend(weakref.ref(v) for d in snap["shadows"] for v in d.values())
+        return snap
+
+    monkeypatch.setattr(torch, "load", load)
+    from_paths = posthoc.reconstruct([str(p) for p in paths[::-1]], [0.08, 0.2], step=512, dtype=F64)
+    monkeypatch.setattr(torch, "load", real_load)
+    from_dicts = posthoc.reconstruct(snaps[:16], [0.08, 0.2], step=512, dtype=F64)
+    torch.testing.assert_close(from_paths, from_dicts, atol=0, rtol=0)
+
+
+def test_snapshots_through_distributed_checkpoint(run, tmp_path):
+    """dcp.save / dcp.load into a snapshot of the same shape (single process here)."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    _, _, snaps = run
+    loaded = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no process group: DCP warns that it runs single-process
+        for s in snaps[:8]:
+            dcp.save(s, checkpoint_id=tmp_path / str(s["ema_updates"]))
+            template = poisoned({**s, "ema_updates": 0, "gamma": [0.0, 0.0]})
+            dcp.load(template, checkpoint_id=tmp_path / str(s["ema_updates"]))
+            loaded.append(template)
+    assert [s["ema_updates"] for s in loaded] == [s["ema_updates"] for s in snaps[:8]]
+    expected = posthoc.reconstruct(snaps[:8], 0.15, dtype=F64)
+    torch.testing.assert_close(posthoc.reconstruct(loaded, 0.15, dtype=F64), expected, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------- snapshot
+
+
+class FakeOptimizer:
+    """The surface snapshot() reads: decay, param_groups, state_dict() and _buffer_shadows(k)."""
+
+    def __init__(self, params, decay, buffers=None):
+        self.decay = decay
+        self.param_groups = [{"params": params[:1]}, {"params": params[1:]}]
+        self.buffers = buffers or {}
+        n = len(decay) if isinstance(decay, tuple) else 1
+        self.state = {
+            i: {
+                "momentum": torch.zeros_like(p),
+                **{("ema" if k == 0 else f"ema_{k}"): p + k for k in range(n)},
+            }
+            for i, p in enumerate(params)
+        }
+
+    def state_dict(self):
+        return {
+            "state": self.state,
+            "param_groups": [{"lr": 0.1, "ema_updates": 12, "ema_steps": 30}, {"lr": 0.1}],
+        }
+
+    def _buffer_shadows(self, k):
+        return {name: b + k for name, b in self.buffers.items()}
+
+
+def test_snapshot_format_from_several_shadows():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    params = list(model.parameters())
+    decay = (0.999, schedules.power(sigma_rel=0.05), schedules.warmup(), schedules.power(gamma=3.0))
+    opt = FakeOptimizer(params, decay, buffers={"1.running_mean": torch.ones(2)})
+    snap = posthoc.snapshot(opt, model)
+    assert snap["version"] == 1 and snap["ema_updates"] == 12 and isinstance(snap["ema_updates"], int)
+    assert snap["gamma"] == [decay[1].gamma, 3.0]
+    names = [n for n, _ in model.named_parameters()]
+    for shadow, k in zip(snap["shadows"], (1, 3)):
+        assert list(shadow) == names + ["1.running_mean"]
+        for i, name in enumerate(names):
+            torch.testing.assert_close(shadow[name], params[i].detach() + k, atol=0, rtol=0)
+            assert shadow[name].data_ptr() != opt.state[i][f"ema_{k}"].data_ptr()  # a copy
+        torch.testing.assert_close(shadow["1.running_mean"], torch.full((2,), 1.0 + k))
+    by_index = posthoc.snapshot(opt, dtype=torch.float16)
+    assert list(by_index["shadows"][0]) == [0, 1, 2, 3, "1.running_mean"]
+    assert all(v.dtype == torch.float16 for d in by_index["shadows"] for v in d.values())
+
+
+def test_snapshot_needs_a_power_shadow_and_counters():
+    p = [torch.zeros(2), torch.zeros(3)]
+    with pytest.raises(ValueError, match="no power shadow"):
+        posthoc.snapshot(FakeOptimizer(p, (0.9, schedules.warmup())))
+    opt = FakeOptimizer(p, schedules.power(gamma=1.0))
+    opt.state_dict = lambda: {"state": opt.state, "param_groups": [{"lr": 0.1}]}
+    with pytest.raises(ValueError, match="ema_updates"):
+        posthoc.snapshot(opt)
+    with pytest.raises(TypeError, match="dtype"):
+        posthoc.snapshot(FakeOptimizer(p, schedules.power(gamma=1.0)), dtype=torch.int32)
+
+
+def train(model, opt, steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, model[0].in_features, generator=gen, dtype=model[0].weight.dtype)
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def small_model(dtype=torch.float32):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).to(dtype)
+
+
+def test_snapshot_of_a_real_optimizer(tmp_path):
+    model = small_model()
+    opt = EMAOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), decay=schedules.power(sigma_rel=0.1), update_every=2
+    )
+    with pytest.raises(ValueError, match="after opt.step"):
+        posthoc.snapshot(opt)
+    train(model, opt, 9)
+    snap = posthoc.snapshot(opt, model)
+    assert snap["ema_updates"] == 4 and snap["gamma"] == [opt.decay.gamma]
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(snap["shadows"][0][name], opt.state[p]["ema"], atol=0, rtol=0)
+    frozen = {k: v.clone() for k, v in snap["shadows"][0].items()}
+    with opt.swap_ema_weights():
+        inside = posthoc.snapshot(opt)
+    torch.testing.assert_close(inside["shadows"][0], posthoc.snapshot(opt)["shadows"][0], atol=0, rtol=0)
+    train(model, opt, 4)
+    torch.testing.assert_close(snap["shadows"][0], frozen, atol=0, rtol=0)  # the snapshot is a copy
+    torch.save(snap, tmp_path / "s.pt")
+    loaded = torch.load(tmp_path / "s.pt", weights_only=True)
+    assert loaded["ema_updates"] == 4 and loaded["gamma"] == snap["gamma"]
+    torch.testing.assert_close(loaded["shadows"], snap["shadows"], atol=0, rtol=0)
+    result = {k: v + 1 for k, v in frozen.items()}
+    missing, unexpected = model.load_state_dict(result, strict=False)
+    assert not missing and not unexpected
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        posthoc.snapshot(opt, torch.nn.Linear(5, 4))
+    with pytest.raises(ValueError, match="no power shadow"):
+        posthoc.snapshot(EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.99))
+
+
+def test_snapshot_waits_for_the_offloaded_update():
+    model = small_model()
+    opt = EMAOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), decay=schedules.power(gamma=4.0), ema_device="cpu"
+    )
+    ref_model = small_model()
+    ref = EMAOptimizer(torch.optim.SGD(ref_model.parameters(), lr=0.1), decay=schedules.power(gamma=4.0))
+    train(model, opt, 7)
+    train(ref_model, ref, 7)
+    torch.testing.assert_close(
+        posthoc.snapshot(opt)["shadows"], posthoc.snapshot(ref)["shadows"], atol=0, rtol=0
+    )
+
+
+# ---------------------------------------------------------------------------- several shadows (tuple decay)
+
+
+def _has_tuple_decay() -> bool:
+    try:
+        EMAOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), decay=(0.9, 0.99))
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+needs_tuple_decay = pytest.mark.skipif(
+    not _has_tuple_decay(), reason="EMAOptimizer(decay=(...)) not available yet"
+)
+
+
+@needs_tuple_decay
+def test_end_to_end_through_the_optimizer(tmp_path):
+    model = small_model(F64)
+    decay = (schedules.power(sigma_rel=0.05), 0.99, schedules.power(sigma_rel=0.10))
+    opt = EMAOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), decay=decay, update_every=2
+    )
+    folded, paths = [], []
+    for n in range(1, 1025):
+        train(model, opt, 1, seed=n)
+        if n % 2 == 0:
+            folded.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        if n % 32 == 0:  # every 16 EMA updates: 32 snapshots
+            paths.append(tmp_path / f"{n:05d}.pt")
+            torch.save(posthoc.snapshot(opt, model), paths[-1])
+    snap = torch.load(paths[-1], weights_only=True)
+    assert snap["ema_updates"] == 512 and snap["gamma"] == [decay[0].gamma, decay[2].gamma]
+    weights = torch.stack(folded)
+    simulated, _ = power_emas(weights, snap["gamma"])  # the shadows are the power EMAs of the folds
+    for k in range(2):
+        got = torch.cat([snap["shadows"][k][n].reshape(-1) for n, _ in model.named_parameters()])
+        torch.testing.assert_close(got, simulated[k], atol=1e-10, rtol=0)
+    for sigma, target in ((0.15, 512), (0.075, 256)):
+        out = posthoc.reconstruct(paths, sigma, step=target, dtype=F64)
+        recon = torch.cat([out[n].reshape(-1) for n, _ in model.named_parameters()])
+        err = rel_error(recon, weights, sigma, target)
+        print(f"through EMAOptimizer, sigma_rel={sigma} t={target}: error {err:.2e}")
+        assert err < 1e-2  # the simulation with as many snapshots gives 5e-4 and 3e-3
+
+
+@needs_tuple_decay
+def test_snapshot_of_several_real_shadows_inside_swap():
+    model = small_model()
+    decay = (0.9, schedules.power(gamma=2.0), schedules.power(gamma=9.0))
+    opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), decay=decay)
+    train(model, opt, 5)
+    outside = posthoc.snapshot(opt, model)
+    assert outside["gamma"] == [2.0, 9.0]
+    for shadow, k in zip(outside["shadows"], (1, 2)):
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(shadow[name], opt.state[p][f"ema_{k}"], atol=0, rtol=0)
+    for index in range(3):
+        with opt.swap_ema_weights(index=index):
+            torch.testing.assert_close(
+                posthoc.snapshot(opt, model)["shadows"], outside["shadows"], atol=0, rtol=0
+            )
+
+
+@needs_tuple_decay
+def test_example_sweep_runs(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "posthoc_sweep.py"
+    spec = importlib.util.spec_from_file_location("posthoc_sweep", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    rows = example.main(["--steps", "400", "--every", "40"])
+    labels = [label for label, _ in rows]
+    assert labels[0] == "online model" and len(rows) == 3 + len(example.SWEEP)
+    assert all(math.isfinite(loss) for _, loss in rows)
+    # the reconstructed tracked profiles are the tracked shadows
+    by_label = dict(rows)
+    for s in example.TRACKED:
+        tracked = by_label[f"tracked      sigma_rel={s:.3f}"]
+        assert by_label[f"reconstructed sigma_rel={s:.3f}"] == pytest.approx(tracked, rel=1e-4)
+    assert "best of the sweep" in capsys.readouterr().out
