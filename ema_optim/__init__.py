@@ -6,8 +6,8 @@
 >>> opt = EMAOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), decay=schedules.warmup(0.999))
 """
 
-from . import schedules
+from . import posthoc, schedules
 from .optimizer import EMAOptimizer
 
-__all__ = ["EMAOptimizer", "schedules", "__version__"]
+__all__ = ["EMAOptimizer", "posthoc", "schedules", "__version__"]
 __version__ = "0.1.0"
