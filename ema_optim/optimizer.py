@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _kernels, _offload, _plan, _shadows, _state_dict, _swap
+from . import _plan, _shadows, _state_dict, _swap
+from ._runtime import Runtime as _Runtime
 from ._plan import Decay
 
 __all__ = ["EMAOptimizer"]
@@ -252,7 +253,8 @@ class EMAOptimizer(Optimizer):
             ValueError: the decay schedule returned a value outside [0, 1], or a param group's
                 ``"ema"`` flag is not a bool (nothing is changed).
         """
-        action = self._begin_step()
+        rt = self._rt
+        action = rt.begin(self.optimizer, self._timing, self._spec, self._buffers)
         found_inf = getattr(self, "found_inf", None)
         forwarded = self._step_supports_amp_scaling and hasattr(self, "grad_scale")
         if forwarded:  # GradScaler with a scale-aware inner optimizer
@@ -263,101 +265,14 @@ class EMAOptimizer(Optimizer):
         finally:
             if forwarded:
                 del self.optimizer.grad_scale, self.optimizer.found_inf
-        self._adopt_shadows()
+        rt.adopt(self.optimizer, self._spec.count)
         with torch.no_grad():
-            self._update(action, found_inf if forwarded else None)
-        self._commit()
+            rt.update(action, found_inf if forwarded else None)
+        rt.commit()
         return loss
 
-    @torch.compiler.disable
-    def _begin_step(self) -> str:
-        """Everything decided before the inner step, on the host; a failure changes nothing.
-
-        Kept out of torch.compile so that neither the counters nor the weights become
-        guards: a compiled step then reuses one graph whatever the decay. The plan is kept
-        on the runtime for :meth:`_weights` and :meth:`_commit`.
-        """
-        rt = self._rt
-        if rt.swapped is not None:
-            raise RuntimeError(
-                "step() was called inside swap_ema_weights(): the params hold the EMA weights; "
-                "leave the with-block before training"
-            )
-        rt.offload.wait()  # the last offloaded update must be done before params change
-        step_plan = _plan.plan(rt.counters, self._timing)
-        layout = self._layout()
-        if layout.incomplete:
-            layout.make_missing()  # from the weights before this step
-        rt.plan = step_plan
-        return step_plan.action
-
-    @torch.compiler.disable
-    def _adopt_shadows(self) -> None:
-        if self._rt.layout is not None and self._rt.layout.adopt_missing():
-            _state_dict.publish(self.optimizer.param_groups, self.optimizer.state, self._spec.count)
-
-    @torch.compiler.disable
-    def _commit(self) -> None:
-        rt = self._rt
-        rt.counters, rt.plan = rt.plan.counters, None
-
     def _layout(self) -> _shadows.Layout:
-        """The cached layout, rebuilt if the param groups or state changed (O(groups) check)."""
-        rt, inner = self._rt, self.optimizer
-        if rt.layout is None or not rt.layout.fresh(inner.param_groups, inner.state):
-            rt.layout = None  # a failed build leaves no stale layout behind
-            rt.layout = _shadows.Layout(inner.param_groups, inner.state, self._spec, self._buffers)
-        return rt.layout
-
-    def _update(self, action: str, found_inf: Optional[Tensor]) -> None:
-        if action == "skip":
-            return
-        groups = self._rt.layout.groups
-        if not groups:
-            return
-        weights: Optional[Sequence[_kernels.Weight]]
-        if found_inf is not None:
-            # A skipped (inf/NaN) step is only known on the device: weight it to zero there
-            # (computed where found_inf lives; each group takes it to its own device).
-            keep = 1.0 - found_inf.to(torch.float64).reshape(())
-            weights = [keep] * self._spec.count if action == "copy" else [keep * w for w in self._weights(keep.device)]
-        elif action == "copy":
-            weights = None
-        elif torch.compiler.is_compiling():
-            weights = self._weights(groups[0].shadows[0][0].device)
-        else:  # eager: a Python float is a kernel argument, the fastest form and sync-free
-            weights = self._rt.plan.weights
-        here = [g for g in groups if g.staged is None]
-        try:
-            if weights is None:
-                _kernels.copy_(here)
-            else:
-                _kernels.lerp_(here, weights)
-        except RuntimeError as e:
-            self._rt.layout = None  # rebuilt, and checked, at the next step
-            raise RuntimeError(
-                "the EMA update failed after the inner step ran (a param changed its shape or dtype "
-                "after its shadow was made? e.g. p.data = ...); the counters did not advance and the "
-                f"next step() checks every shadow before it changes anything: {e}"
-            ) from e
-        offloaded = [g for g in groups if g.staged is not None]
-        if offloaded:  # ema_device: in the background, behind the next step (see _offload.py)
-            self._rt.offload.launch(offloaded, weights)
-
-    @torch.compiler.disable
-    def _weights(self, device: torch.device) -> list[Tensor]:
-        """This step's weights in cached 0-dim tensors, filled in place outside any compiled graph.
-
-        A compiled step takes them as inputs, so a changing decay is data, not a guard: one
-        graph for every decay, no recompiles.
-        """
-        rt = self._rt
-        cached = rt.weight_tensors
-        if not cached or cached[0].device != device:
-            cached = rt.weight_tensors = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(self._spec.count)]
-        for w, value in zip(cached, rt.plan.weights):
-            w.fill_(value)
-        return cached
+        return self._rt.current_layout(self.optimizer, self._spec, self._buffers)
 
     # ------------------------------------------------------------------ swap
 
@@ -552,24 +467,6 @@ class EMAOptimizer(Optimizer):
         for group, before in zip(inner.param_groups, old[1]):  # a dict saved without "ema": keep ours
             if _shadows.ENABLE not in group and _shadows.ENABLE in before:
                 group[_shadows.ENABLE] = before[_shadows.ENABLE]
-
-
-class _Runtime:
-    """Everything about an EMAOptimizer that changes as it runs, in one object.
-
-    Proxies such as Lightning's ``LightningOptimizer`` copy the optimizer's ``__dict__``,
-    and ``copy.copy`` does too; all of them then share this object, so a step, swap or load
-    through any of them is seen by all.
-    """
-
-    def __init__(self, shadows: int) -> None:
-        self.counters = _plan.Counters.start(shadows)
-        self.plan: Optional[_plan.StepPlan] = None  # the step in progress (between begin and commit)
-        self.layout: Optional[_shadows.Layout] = None  # cached; rebuilt when the groups change
-        self.swapped: Optional[list[_swap.Record]] = None  # inside swap_ema_weights()
-        self.swapped_index = 0
-        self.offload = _offload.Offload()  # the update in flight for offloaded shadows
-        self.weight_tensors: list[Tensor] = []  # this step's weights as 0-dim tensors (compile)
 
 
 def _inner_step(inner: Optimizer, args: tuple) -> Any:

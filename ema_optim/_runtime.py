@@ -1,0 +1,116 @@
+"""The mutable side of one EMAOptimizer: counters, the cached layout, the step in progress,
+the swap records and the offload pipeline, and the bookkeeping of one ``step()``.
+
+It is one object so that proxies that copy the optimizer's ``__dict__`` (Lightning's
+``LightningOptimizer``) and ``copy.copy`` share it: a step, swap or load through any of them
+is seen by all. The host-side parts of a step are kept out of ``torch.compile``
+(``torch.compiler.disable``) so that neither the counters nor the weights become guards: a
+compiled step reuses one graph whatever the decay.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import _kernels, _offload, _plan, _shadows, _state_dict, _swap
+
+
+class Runtime:
+    def __init__(self, shadows: int) -> None:
+        self.counters = _plan.Counters.start(shadows)
+        self.plan: Optional[_plan.StepPlan] = None  # the step in progress (between begin and commit)
+        self.layout: Optional[_shadows.Layout] = None  # cached; rebuilt when the groups change
+        self.swapped: Optional[list[_swap.Record]] = None  # inside swap_ema_weights()
+        self.swapped_index = 0
+        self.offload = _offload.Offload()  # the update in flight for offloaded shadows
+        self.weight_tensors: list[Tensor] = []  # this step's weights as 0-dim tensors (compile)
+
+    def current_layout(
+        self, inner: Optimizer, spec: _shadows.Spec, buffers: Optional[_shadows.Buffers]
+    ) -> _shadows.Layout:
+        """The cached layout, rebuilt if the param groups or state changed (O(groups) check)."""
+        if self.layout is None or not self.layout.fresh(inner.param_groups, inner.state):
+            self.layout = None  # a failed build leaves no stale layout behind
+            self.layout = _shadows.Layout(inner.param_groups, inner.state, spec, buffers)
+        return self.layout
+
+    @torch.compiler.disable
+    def begin(
+        self, inner: Optimizer, timing: _plan.Timing, spec: _shadows.Spec, buffers: Optional[_shadows.Buffers]
+    ) -> str:
+        """Everything decided before the inner step, on the host; a failure changes nothing.
+        Returns the step's action; the plan is kept for :meth:`weights` and :meth:`commit`."""
+        if self.swapped is not None:
+            raise RuntimeError(
+                "step() was called inside swap_ema_weights(): the params hold the EMA weights; "
+                "leave the with-block before training"
+            )
+        self.offload.wait()  # the last offloaded update must be done before params change
+        step_plan = _plan.plan(self.counters, timing)
+        layout = self.current_layout(inner, spec, buffers)
+        if layout.incomplete:
+            layout.make_missing()  # from the weights before this step
+        self.plan = step_plan
+        return step_plan.action
+
+    @torch.compiler.disable
+    def adopt(self, inner: Optimizer, shadows: int) -> None:
+        """After the inner step: install the shadows made by :meth:`begin` (the inner optimizer
+        has created its state by now) and name the counters where they are saved."""
+        if self.layout is not None and self.layout.adopt_missing():
+            _state_dict.publish(inner.param_groups, inner.state, shadows)
+
+    def update(self, action: str, found_inf: Optional[Tensor]) -> None:
+        """The EMA update of every shadow (traced by torch.compile)."""
+        if action == "skip" or self.layout is None or not self.layout.groups:
+            return
+        groups = self.layout.groups
+        weights: Optional[Sequence[_kernels.Weight]]
+        if found_inf is not None:
+            # A skipped (inf/NaN) step is only known on the device: weight it to zero there
+            # (computed where found_inf lives; each group takes it to its own device).
+            keep = 1.0 - found_inf.to(torch.float64).reshape(())
+            shadows = len(groups[0].shadows)
+            weights = [keep] * shadows if action == "copy" else [keep * w for w in self.weights(keep.device)]
+        elif action == "copy":
+            weights = None
+        elif torch.compiler.is_compiling():
+            weights = self.weights(groups[0].shadows[0][0].device)
+        else:  # eager: a Python float is a kernel argument, the fastest form and sync-free
+            weights = self.plan.weights
+        here = [g for g in groups if g.staged is None]
+        try:
+            if weights is None:
+                _kernels.copy_(here)
+            else:
+                _kernels.lerp_(here, weights)
+        except RuntimeError as e:
+            self.layout = None  # rebuilt, and every shadow checked, at the next step
+            raise RuntimeError(
+                "the EMA update failed after the inner step ran (a param changed its shape or dtype "
+                "after its shadow was made? e.g. p.data = ...); the counters did not advance, some "
+                f"shadows may be updated, and the next step() checks every shadow before it changes anything: {e}"
+            ) from e
+        offloaded = [g for g in groups if g.staged is not None]
+        if offloaded:  # ema_device: in the background, behind the next step (see _offload.py)
+            self.offload.launch(offloaded, weights)
+
+    @torch.compiler.disable
+    def weights(self, device: torch.device) -> list[Tensor]:
+        """This step's weights in cached 0-dim tensors, filled in place outside any compiled
+        graph: a compiled step takes them as inputs, so a changing decay is data, not a guard."""
+        values = self.plan.weights
+        cached = self.weight_tensors
+        if len(cached) != len(values) or cached[0].device != device:
+            cached = self.weight_tensors = [torch.zeros((), dtype=torch.float64, device=device) for _ in values]
+        for w, value in zip(cached, values):
+            w.fill_(value)
+        return cached
+
+    @torch.compiler.disable
+    def commit(self) -> None:
+        self.counters, self.plan = self.plan.counters, None
