@@ -47,7 +47,10 @@ class EMAOptimizer(Optimizer):
 
     Args:
         optimizer: the inner optimizer (any ``torch.optim.Optimizer``).
-        decay: float in [0, 1], or a schedule ``t -> float`` (see :mod:`ema_optim.schedules`).
+        decay: float in [0, 1], or a schedule ``t -> float`` (see :mod:`ema_optim.schedules`);
+            or a tuple/list of those: one shadow each (``"ema"``, ``"ema_1"``, ...), all
+            under the same timing and counters, e.g. two ``schedules.power`` profiles for
+            post-hoc EMA (:mod:`ema_optim.posthoc`).
         update_after_step: for the first ``update_after_step`` steps the shadows just copy
             the weights (skip the noisy start of training).
         update_every: afterwards, update on every ``update_every``-th step only (>= 1).
@@ -62,25 +65,25 @@ class EMAOptimizer(Optimizer):
             :meth:`state_dict` and :meth:`load_state_dict` first wait for the fold. Costs
             host memory for the shadows plus one staging copy of the params in their dtype
             (pinned). See docs/distributed.md, "Offloading the shadows".
+        buffers: ``None`` (buffers stay live), or a module (usually the model) whose
+            persistent floating-point buffers (BatchNorm statistics) are averaged too, by
+            name, with the same timing, weights and dtype rule; integer buffers stay live.
 
     Notes: edit a shadow in place (``opt.state[p]["ema"].copy_(...)``) or through
     ``load_state_dict``; assigning a new tensor to ``opt.state[p]["ema"]`` is not picked up.
-    Global step hooks (``torch.optim.optimizer.register_optimizer_step_pre_hook``) run for
-    the wrapper and for the inner optimizer, so twice per ``step()``.
+    Global step hooks (``torch.optim.optimizer.register_optimizer_step_pre_hook``) run once
+    per ``step()``, with the wrapper; hooks registered on the inner optimizer still run.
 
-    Cost: one shadow per parameter in the shadow dtype (4 bytes/param for fp32 or bf16
-    params with default settings) and, per update, one read of every weight and one
-    read-modify-write of every shadow. No host-device synchronisation. Params of groups
-    created with ``"ema": False`` and non-floating params have no shadow.
+    Cost: one shadow per parameter and EMA in the shadow dtype (4 bytes/param for fp32 or
+    bf16 params with default settings) and, per update, one read of every weight and one
+    read-modify-write of every shadow, one multi-tensor kernel per shadow and (device,
+    dtype) group. No host-device synchronisation; the host work per step does not grow
+    with the number of params. Params of groups created with ``"ema": False`` and
+    non-floating params have no shadow.
 
     Raises:
         TypeError: ``optimizer`` is not an Optimizer, or an argument has the wrong type.
         ValueError: an argument is out of range.
-
-    .. note::
-        Buffers (BatchNorm running statistics) are not parameters, so they are not
-        averaged. Inside ``swap_ema_weights()`` either keep the training statistics or
-        recompute them for the EMA weights with ``torch.optim.swa_utils.update_bn``.
 
     Example:
         >>> import torch
