@@ -412,7 +412,8 @@ def test_snapshots_through_distributed_checkpoint(run, tmp_path):
 
 
 class FakeOptimizer:
-    """The surface snapshot() reads: decay, param_groups, state_dict() and _buffer_shadows(k)."""
+    """The surface snapshot() reads: decay, param_groups and state_dict(), whose first param's
+    state carries the buffer shadows as EMAOptimizer keeps them (``"ema_k:<buffer name>"``)."""
 
     def __init__(self, params, decay, buffers=None):
         self.decay = decay
@@ -426,15 +427,15 @@ class FakeOptimizer:
             }
             for i, p in enumerate(params)
         }
+        for k in range(n):
+            key = "ema" if k == 0 else f"ema_{k}"
+            self.state[0].update({f"{key}:{name}": b + k for name, b in self.buffers.items()})
 
     def state_dict(self):
         return {
             "state": self.state,
             "param_groups": [{"lr": 0.1, "ema_updates": 12, "ema_steps": 30}, {"lr": 0.1}],
         }
-
-    def _buffer_shadows(self, k):
-        return {name: b + k for name, b in self.buffers.items()}
 
 
 def test_snapshot_format_from_several_shadows():
