@@ -210,7 +210,7 @@ class Layout:
             held = self.buffer_shadows(k)
             for n, t in zip(self.buffers.names, self.buffer_tensors):
                 if n in held:
-                    _check_pair(held[n], t, buffer_key(k, n))
+                    _check_buffer_pair(held[n], t, n, buffer_key(k, n))
         self.groups: list[_kernels.Group] = []
         self._regroup()
 
@@ -295,6 +295,17 @@ class Layout:
             return params
         shadows = self.buffer_shadows(k)
         return params + [(t, shadows[n]) for n, t in zip(self.buffers.names, self.buffer_tensors) if n in shadows]
+
+
+def _check_buffer_pair(shadow: Any, buf: Tensor, name: str, shadow_key: str) -> None:
+    if not isinstance(shadow, Tensor) or shadow.shape != buf.shape:
+        got = tuple(shadow.shape) if isinstance(shadow, Tensor) else type(shadow).__name__
+        raise ValueError(
+            f"the averaged buffer {name!r} now has shape {tuple(buf.shape)}, its shadow {shadow_key!r} has "
+            f"{got}: a buffer replaced by name must keep its shape. Load a state dict that "
+            f"fits, or drop the stale shadow (for s in opt.state.values(): s.pop({shadow_key!r}, None)) to "
+            "restart its EMA from the current buffer."
+        )
 
 
 def _check_pair(shadow: Any, p: Tensor, name: str) -> None:
