@@ -557,3 +557,69 @@ def test_batchnorm_example_runs_quick():
     for row in rows:  # step | online | EMA live | EMA averaged | EMA update_bn
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert len(cells) == 5 and all(0.0 <= float(c) <= 100.0 for c in cells[1:]), row
+
+
+# ------------------------------------------------------------------------------------ spectral norm
+
+
+def readme_norm_layers():
+    """The README's ``norm_layers`` recipe, run as written there."""
+    readme = (ROOT / "README.md").read_text()
+    block = next(b for b in readme.split("```python")[1:] if "def norm_layers" in b).split("```")[0]
+    namespace = {"torch": torch}
+    exec(block.split("opt = EMAOptimizer")[0], namespace)  # the function, not the usage line
+    return namespace["norm_layers"]
+
+
+def spectral_model():
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Sequential(spectral_norm(nn.Linear(4, 6)), nn.BatchNorm1d(6)), nn.ReLU(), spectral_norm(nn.Linear(6, 2))
+    )
+
+
+UV = ["0.0.parametrizations.weight.0._u", "0.0.parametrizations.weight.0._v", "2.parametrizations.weight.0._u", "2.parametrizations.weight.0._v"]
+BN = ["0.1.running_mean", "0.1.running_var"]
+
+
+def spectral_run(buffers_of, steps=4):
+    model = spectral_model()
+    opt = EMAOptimizer(torch.optim.Adam(model.parameters(), lr=0.05), decay=0.8, buffers=buffers_of(model))
+    initial, history = None, []
+    for step in range(steps):
+        model(batch(step)).square().mean().backward()
+        if initial is None:
+            initial = {n: b.double().clone() for n, b in model.named_buffers()}
+        opt.step()
+        opt.zero_grad()
+        history.append({n: b.double().clone() for n, b in model.named_buffers()})
+    return model, opt, initial, history
+
+
+def test_spectral_norm_vectors_are_persistent_buffers_that_buffers_model_averages():
+    model, opt, _, _ = spectral_run(lambda m: m)
+    assert sorted(buffer_shadows(opt)) == sorted(UV + BN)
+
+
+def test_norm_layers_recipe_averages_only_batchnorm_under_the_model_names():
+    norm_layers = readme_norm_layers()
+    keys = list(spectral_model().state_dict())
+    model, opt, initial, history = spectral_run(norm_layers)
+    assert list(model.state_dict()) == keys, "the recipe must not change the model"
+    assert sorted(buffer_shadows(opt)) == BN
+    live = {n: b.clone() for n, b in model.named_buffers()}
+    with opt.swap_ema_weights():
+        inside = dict(model.named_buffers())
+        for n in UV:  # the power-iteration vectors stay live
+            assert bitwise(inside[n], live[n]), n
+        for n in BN:
+            ref = reference_shadows(initial[n], [h[n] for h in history], 0.8)[-1]
+            torch.testing.assert_close(inside[n].double(), ref, atol=1e-6, rtol=1e-6)
+    # names that fit the model: a resumed run with its own norm_layers loads the dict
+    resumed = spectral_model()
+    resumed.load_state_dict(model.state_dict())
+    opt2 = EMAOptimizer(torch.optim.Adam(resumed.parameters(), lr=0.05), decay=0.8, buffers=norm_layers(resumed))
+    opt2.load_state_dict(roundtrip(opt.state_dict()))
+    assert all(bitwise(buffer_shadows(opt2)[n], buffer_shadows(opt)[n]) for n in BN)
