@@ -164,6 +164,13 @@ class Buffers:
     def unchanged(self, tensors: list[Tensor]) -> bool:
         return all(owner._buffers.get(local) is t for (_, owner, local), t in zip(self.entries, tensors))
 
+    def put_back(self, tensors: list[Tensor]) -> None:
+        """Make ``tensors`` (from :meth:`tensors`) the module's buffers again, where the module
+        replaced them since (e.g. ``model.double()`` inside ``swap_ema_weights()``)."""
+        for (_, owner, local), t in zip(self.entries, tensors):
+            if owner._buffers.get(local) is not t:
+                owner._buffers[local] = t
+
 
 def anchor(params: Sequence[Tensor]) -> Optional[Tensor]:
     """The param whose state holds the buffer shadows: the first trained averaged param.
