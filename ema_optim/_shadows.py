@@ -200,6 +200,7 @@ class Layout:
         self.buffers = buffers
         self.buffer_tensors = buffers.tensors() if buffers is not None else []
         self.anchor = anchor(self.params) if buffers is not None else None
+        self._anchor_trained = self.anchor is not None and self.anchor.requires_grad  # frozen later: move
         if buffers is not None and buffers.names and self.anchor is None:
             raise ValueError(
                 "buffers= needs at least one averaged parameter: the buffer shadows are kept in its state"
@@ -261,6 +262,8 @@ class Layout:
                 return False
         if self.buffers is not None and not self.buffers.unchanged(self.buffer_tensors):
             return False
+        if self._anchor_trained and not self.anchor.requires_grad:
+            return False  # DCP's loader skips the state of frozen params: move the buffer shadows
         # a model converted as a whole (model.half(), model.to(device)) shows in every group
         return all(p.dtype == dt and p.shape == shape and p.device == dev for p, dt, shape, dev in self._reps)
 

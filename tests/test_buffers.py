@@ -452,6 +452,20 @@ def test_buffer_shadows_live_with_the_first_trained_param():
     assert holders == [1]  # fc1.bias, the first param that requires grad
 
 
+def test_buffer_shadows_move_when_their_param_is_frozen():
+    model, opt = make()
+    record = recorded()
+    train(model, opt, range(3), record)
+    model.fc1.weight.requires_grad_(False)  # it held them
+    model.fc1.bias.requires_grad_(False)
+    train(model, opt, range(3, 6), record)
+    sd = opt.state_dict()["state"]
+    assert [i for i, s in sd.items() if any(":" in k for k in s)] == [2]  # bn.weight
+    got = swapped_buffers(opt, model)
+    for buf in AVERAGED:
+        torch.testing.assert_close(got[buf].double(), reference(record, buf, 0.8), atol=1e-6, rtol=1e-6)
+
+
 # ------------------------------------------------------------------------------------ AMP, offload, posthoc
 
 
