@@ -164,6 +164,13 @@ class Buffers:
     def unchanged(self, tensors: list[Tensor]) -> bool:
         return all(owner._buffers.get(local) is t for (_, owner, local), t in zip(self.entries, tensors))
 
+    def put_back(self, tensors: list[Tensor]) -> None:
+        """Make ``tensors`` (from :meth:`tensors`) the module's buffers again, where the module
+        replaced them since (e.g. ``model.double()`` inside ``swap_ema_weights()``)."""
+        for (_, owner, local), t in zip(self.entries, tensors):
+            if owner._buffers.get(local) is not t:
+                owner._buffers[local] = t
+
 
 def anchor(params: Sequence[Tensor]) -> Optional[Tensor]:
     """The param whose state holds the buffer shadows: the first trained averaged param.
@@ -193,6 +200,7 @@ class Layout:
         self.buffers = buffers
         self.buffer_tensors = buffers.tensors() if buffers is not None else []
         self.anchor = anchor(self.params) if buffers is not None else None
+        self._anchor_trained = self.anchor is not None and self.anchor.requires_grad  # frozen later: move
         if buffers is not None and buffers.names and self.anchor is None:
             raise ValueError(
                 "buffers= needs at least one averaged parameter: the buffer shadows are kept in its state"
@@ -210,7 +218,7 @@ class Layout:
             held = self.buffer_shadows(k)
             for n, t in zip(self.buffers.names, self.buffer_tensors):
                 if n in held:
-                    _check_pair(held[n], t, buffer_key(k, n))
+                    _check_buffer_pair(held[n], t, n, buffer_key(k, n))
         self.groups: list[_kernels.Group] = []
         self._regroup()
 
@@ -254,6 +262,8 @@ class Layout:
                 return False
         if self.buffers is not None and not self.buffers.unchanged(self.buffer_tensors):
             return False
+        if self._anchor_trained and not self.anchor.requires_grad:
+            return False  # DCP's loader skips the state of frozen params: move the buffer shadows
         # a model converted as a whole (model.half(), model.to(device)) shows in every group
         return all(p.dtype == dt and p.shape == shape and p.device == dev for p, dt, shape, dev in self._reps)
 
@@ -295,6 +305,17 @@ class Layout:
             return params
         shadows = self.buffer_shadows(k)
         return params + [(t, shadows[n]) for n, t in zip(self.buffers.names, self.buffer_tensors) if n in shadows]
+
+
+def _check_buffer_pair(shadow: Any, buf: Tensor, name: str, shadow_key: str) -> None:
+    if not isinstance(shadow, Tensor) or shadow.shape != buf.shape:
+        got = tuple(shadow.shape) if isinstance(shadow, Tensor) else type(shadow).__name__
+        raise ValueError(
+            f"the averaged buffer {name!r} now has shape {tuple(buf.shape)}, its shadow {shadow_key!r} has "
+            f"{got}: a buffer replaced by name must keep its shape. Load a state dict that "
+            f"fits, or drop the stale shadow (for s in opt.state.values(): s.pop({shadow_key!r}, None)) to "
+            "restart its EMA from the current buffer."
+        )
 
 
 def _check_pair(shadow: Any, p: Tensor, name: str) -> None:

@@ -290,12 +290,15 @@ def dcp_save(model: nn.Module, opt: EMAOptimizer, path: Path, flat: bool = False
     dcp.save(dcp_state(model, opt, flat), checkpoint_id=str(path))
 
 
-def dcp_load(model: nn.Module, opt: EMAOptimizer, path: Path, flat: bool = False) -> None:
+def dcp_load(model: nn.Module, opt: EMAOptimizer, path: Path, flat: bool = False, check=None) -> None:
+    """Load through DCP; ``check(optim_template)`` first checks the template (default: check_template)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
     sd = dcp_state(model, opt, flat)
-    if not flat:
+    if check is not None:
+        check(sd["optim"])
+    elif not flat:
         check_template(sd["optim"])
     dcp.load(sd, checkpoint_id=str(path))
     set_model_state_dict(model, sd["model"], options=dcp_options(flat))
@@ -681,3 +684,140 @@ def test_docs_example_runs_and_is_the_documented_code(tmp_path):
     assert len(lines) == 2, result.stdout
     # The single process that reloaded the 2-rank checkpoint evaluates the same models.
     assert lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1], lines
+
+
+# ------------------------------------------------------------------------------------ BatchNorm buffers through DCP
+
+
+def make_bn_model() -> nn.Sequential:
+    """The same weights in every process; its BatchNorm's running statistics are averaged."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 5), nn.BatchNorm1d(5, momentum=0.3), nn.ReLU(), nn.Linear(5, 3))
+
+
+BN_BUFFERS = ("1.running_mean", "1.running_var")
+
+
+def new_bn_run(world: int = 0):
+    model = make_bn_model()
+    if world:
+        model = fsdp2(model, world)
+    opt = EMAOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=0.05), decay=DECAY, bias_correction=True, buffers=model
+    )
+    return model, opt
+
+
+def buffer_shadows(opt: EMAOptimizer) -> dict[str, torch.Tensor]:
+    """{buffer name: shadow}, wherever the optimizer state keeps them."""
+    found = {k.split(":", 1)[1]: v for s in opt.state.values() for k, v in s.items() if isinstance(k, str) and ":" in k}
+    assert sorted(found) == sorted(BN_BUFFERS), sorted(found)
+    return found
+
+
+def bn_snapshot(model: nn.Module, opt: EMAOptimizer) -> dict[str, list[torch.Tensor]]:
+    snap = snapshot(model, opt)
+    buffers, shadows = dict(model.named_buffers()), buffer_shadows(opt)
+    snap["buffers"] = [buffers[n].detach().clone() for n in BN_BUFFERS]
+    snap["buffer_ema"] = [full(shadows[n]) for n in BN_BUFFERS]
+    snap["counted"] = [model[1].num_batches_tracked.clone()]
+    return snap
+
+
+def assert_same_bn(got: dict, expected: dict, what: str) -> None:
+    assert_same(got, expected, what)
+    for key in ("buffers", "buffer_ema", "counted"):
+        for i, (a, b) in enumerate(zip(got[key], expected[key])):
+            assert a.dtype == b.dtype and torch.equal(a, b), f"{what}: {key}[{i}] differs"
+
+
+def bn_checkpoint(tmp: Path, where: str, flat: bool) -> Path:
+    return tmp / f"bn-{where}{'-flat' if flat else ''}"
+
+
+def check_bn_template(osd: dict) -> None:
+    # DCP loads into the template and drops what it lacks: the buffer shadows must be there,
+    # in the state of the first param (set_optimizer_state_dict rebuilds only params' state).
+    flat = "state" not in osd
+    keys = set(osd) if flat else {f"state.{fqn}.{k}" for fqn, s in osd["state"].items() for k in s}
+    assert {f"state.0.weight.ema:{n}" for n in BN_BUFFERS} <= keys, sorted(keys)
+
+
+def _dcp_bn_worker(rank: int, world: int, tmp: Path) -> None:
+    from torch.distributed.tensor import DTensor
+
+    ref = torch.load(tmp / "bn-ref.pt")
+    for flat in (False, True):
+        # Saved on 1 process (plain model) -> loaded on 2 (FSDP2), then training goes on.
+        model, opt = new_bn_run(world)
+        dcp_load(model, opt, bn_checkpoint(tmp, "1proc", flat), flat, check=check_bn_template)
+        shadows = buffer_shadows(opt)
+        assert all(not isinstance(s, DTensor) and s.dtype == torch.float32 for s in shadows.values())
+        assert_same_bn(bn_snapshot(model, opt), ref["mid"], f"loaded on 2 ranks, flat={flat}")
+        train(model, opt, range(N, 2 * N))
+        assert_same_bn(bn_snapshot(model, opt), ref["end"], f"resumed on 2 ranks, flat={flat}")
+
+    # An FSDP2 run on 2 ranks, saved there (loaded on 1 process by the test).
+    model, opt = new_bn_run(world)
+    train(model, opt, range(N))
+    assert_same_bn(bn_snapshot(model, opt), ref["mid"], "2 ranks vs 1 process")
+    for flat in (False, True):
+        dcp_save(model, opt, bn_checkpoint(tmp, "2ranks", flat), flat)
+    train(model, opt, range(N, 2 * N))
+    assert_same_bn(bn_snapshot(model, opt), ref["end"], "2 ranks uninterrupted")
+    # Buffers are replicated under FSDP2, and so are their shadows.
+    for shadow in buffer_shadows(opt).values():
+        gathered = [torch.empty_like(shadow) for _ in range(world)]
+        dist.all_gather(gathered, shadow)
+        assert all(torch.equal(g, gathered[0]) for g in gathered), "buffer shadows differ across ranks"
+    # The swap puts the buffer averages into the sharded model's BatchNorm and takes them out again.
+    live = [b.clone() for b in bn_snapshot(model, opt)["buffers"]]
+    with opt.swap_ema_weights():
+        inside = dict(model.named_buffers())
+        assert all(torch.equal(inside[n], e) for n, e in zip(BN_BUFFERS, ref["end"]["buffer_ema"]))
+    assert all(torch.equal(dict(model.named_buffers())[n], b) for n, b in zip(BN_BUFFERS, live))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as in the workers: BatchNorm's CPU reductions depend on the thread
+    count in the last bit, and the runs on 1 and 2 processes are compared bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dcp_batchnorm_buffer_shadows_with_resharding(tmp_path, one_thread):
+    # Uninterrupted single-process run, checkpointed half-way (both layouts), against the reference.
+    model, opt = new_bn_run()
+    initial, history = None, []
+    for step in range(2 * N):
+        if step == N:
+            for flat in (False, True):
+                dcp_save(model, opt, bn_checkpoint(tmp_path, "1proc", flat), flat)
+            mid = bn_snapshot(model, opt)
+        model(batch(step, 0)).square().mean().backward()
+        if initial is None:
+            initial = [dict(model.named_buffers())[n].double().clone() for n in BN_BUFFERS]
+        opt.step()
+        opt.zero_grad()
+        history.append([dict(model.named_buffers())[n].double().clone() for n in BN_BUFFERS])
+    for i, name in enumerate(BN_BUFFERS):
+        ref = reference_shadows(initial[i], [h[i] for h in history], DECAY, bias_correction=True)[-1]
+        torch.testing.assert_close(buffer_shadows(opt)[name].double(), ref, atol=ATOL, rtol=RTOL)
+    end = bn_snapshot(model, opt)
+    assert not torch.equal(end["buffer_ema"][0], end["buffers"][0])
+    torch.save({"mid": mid, "end": end}, tmp_path / "bn-ref.pt")
+
+    spawn(_dcp_bn_worker, 2, tmp_path)
+
+    # Saved on 2 ranks (FSDP2) -> loaded into a plain model without a process group.
+    for flat in (False, True):
+        model, opt = new_bn_run()
+        dcp_load(model, opt, bn_checkpoint(tmp_path, "2ranks", flat), flat, check=check_bn_template)
+        what = f"without process group, flatten_optimizer_state_dict={flat}"
+        assert_same_bn(bn_snapshot(model, opt), mid, f"loaded {what}")
+        train(model, opt, range(N, 2 * N))
+        assert_same_bn(bn_snapshot(model, opt), end, f"resumed {what}")
