@@ -26,6 +26,7 @@ class Runtime:
         self.layout: Optional[_shadows.Layout] = None  # cached; rebuilt when the groups change
         self.swapped: Optional[list[_swap.Record]] = None  # inside swap_ema_weights()
         self.swapped_index = 0
+        self.swapped_buffers: list[Tensor] = []  # the averaged buffers when the swap began
         self.offload = _offload.Offload()  # the update in flight for offloaded shadows
         self.weight_tensors: list[Tensor] = []  # this step's weights as 0-dim tensors (compile)
 

@@ -343,21 +343,18 @@ class EMAOptimizer(Optimizer):
     def _swap_in(self, index: int) -> None:
         rt = self._rt
         rt.offload.wait()
-        rt.swapped, rt.swapped_index = [], index
-        _swap.swap_in(self._swap_pairs(index), rt.swapped)
+        layout = self._layout()
+        rt.swapped, rt.swapped_index, rt.swapped_buffers = [], index, list(layout.buffer_tensors)
+        _swap.swap_in(layout.pairs(index), rt.swapped)
 
     def _swap_out(self) -> None:
         rt = self._rt
         records, rt.swapped = rt.swapped or [], None
-        _swap.swap_out(records)
-
-    def _swap_pairs(self, index: int) -> list[tuple[Tensor, Tensor]]:
-        return self._layout().pairs(index)
-
-    def _buffer_shadows(self, index: int) -> dict[str, Tensor]:
-        """{buffer name: shadow ``index``} of the averaged buffers (for ``posthoc.snapshot``)."""
-        self._rt.offload.wait()
-        return self._layout().buffer_shadows(index)
+        try:
+            _swap.swap_out(records)
+        finally:
+            if self._buffers is not None:  # the block may have replaced them (model.double())
+                self._buffers.put_back(rt.swapped_buffers)
 
     # ------------------------------------------------------------------ state dict
 

@@ -527,11 +527,6 @@ def test_posthoc_snapshot_has_the_buffer_shadows_by_name():
     model.load_state_dict(result, strict=False)  # buffers load by name too
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="EMAOptimizer._buffer_shadows reads the live shadows, which hold the training values inside the swap"
-    " (fixed by the optimizer.py change in the buffers report; then remove this mark)",
-)
 def test_posthoc_snapshot_inside_the_swap_has_the_buffer_averages():
     model, opt = power_run()
     outside = posthoc.snapshot(opt, model)
@@ -541,11 +536,6 @@ def test_posthoc_snapshot_inside_the_swap_has_the_buffer_averages():
         assert all(torch.equal(inside["shadows"][k][n], t) for n, t in outside["shadows"][k].items())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="swap_out restores the buffer tensors' values but not the module's buffer attribute"
-    " (fixed by the optimizer.py change in the buffers report; then remove this mark)",
-)
 def test_a_block_that_converts_the_model_gets_its_buffers_back():
     model, opt = make()
     train(model, opt, range(3))
