@@ -76,14 +76,16 @@ def load_checkpoint(model, opt, path: str) -> None:
     """
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     # DCP loads *into* this template and raises CheckpointException for template keys that
-    # the checkpoint lacks: without shadows in the checkpoint, drop the EMA keys from it.
+    # the checkpoint lacks: drop the EMA keys it lacks (a checkpoint of the plain inner
+    # optimizer, or one saved without buffers=); what is dropped restarts, with a warning.
     keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    for fqn, param_state in state["optim"]["state"].items():
+        for key in [k for k in param_state if k.startswith("ema") and f"optim.state.{fqn}.{k}" not in keys]:
+            del param_state[key]
     if not any(k.startswith("optim.state.") and k.endswith(".ema") for k in keys):
-        for param_state in state["optim"]["state"].values():
-            param_state.pop("ema", None)
         for group in state["optim"]["param_groups"]:
-            for counter in ("ema_steps", "ema_updates", "ema_decay_prod"):
-                group.pop(counter, None)
+            for counter in [k for k in group if k.startswith("ema_")]:
+                del group[counter]
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"])
     # set_optimizer_state_dict drops the state of params with requires_grad=False, but
