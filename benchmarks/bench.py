@@ -282,8 +282,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 11 CPU, 21 CUDA)")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step overhead")
     parser.add_argument("--candidates", action="store_true", help="only the kernel fast-path candidates")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

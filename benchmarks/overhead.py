@@ -12,7 +12,8 @@ per interleaved round, median over rounds, where "the EMA kernel alone" is one
 ``torch._foreach_lerp_`` over the same shadows and params (what ``swa_utils`` and ema_optim
 run for fp32). The inner step and the kernel are timed back to back as one block, so that
 they see the caches as the wrapped step does. ``q25..q75`` shows the rounds' spread: a
-difference inside it is noise. ``calls/step`` counts the Python and C function calls the
+difference inside it is noise. ``min-min`` is min(wrapped) - min(inner + kernel) over the
+rounds: load on a shared machine only adds time, so the minima are steadier than medians. ``calls/step`` counts the Python and C function calls the
 wrapper adds to the inner step (``sys.setprofile``): noise-free, it shows host work that
 grows with the param count even when the timing cannot. SPEC: in steady state this work
 does not grow with the number of params.
@@ -90,6 +91,7 @@ def host_row(n: int, inner_name: str, device: torch.device, rounds: int) -> dict
         "host_q25": low,
         "host_q75": high,
         "host_separate": paired(s["wrapped"], s["inner"], s["kernel"]),
+        "host_min": min(s["wrapped"]) - min(s["reference"]),  # noise only adds: minima are steadier
         "calls": python_calls(opt.step) - python_calls(inner.step),
         "rounds": len(host),
     }
@@ -101,6 +103,7 @@ HOST_COLS = [
     ms("kernel ms", "kernel"),
     us("host us", "host"),
     Col("q25..q75 us", lambda r: f"{r['host_q25'] * 1e6:.0f}..{r['host_q75'] * 1e6:.0f}", width=14),
+    us("min-min us", "host_min"),
     Col("calls/step", "calls", "d"),
 ]
 
