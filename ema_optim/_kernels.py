@@ -1,4 +1,4 @@
-"""Hot path of the EMA: grouping, the multi-tensor update and the in-place swap.
+"""Hot path of the EMA: grouping, cast plans and the multi-tensor copy/lerp.
 
 Kernels see flat tensor lists and plain scalars only, never optimizer state or
 ``param_groups``. Nothing here reads a tensor value on the host.
@@ -6,8 +6,6 @@ Kernels see flat tensor lists and plain scalars only, never optimizer state or
 
 from __future__ import annotations
 
-import functools
-import sys
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -35,12 +33,15 @@ def local(t: Tensor) -> Tensor:
 
 
 class Group(NamedTuple):
-    """Shadow/param pairs that one foreach call can take: same devices, same dtypes."""
+    """Shadow/param pairs that one foreach call can take: same devices, same dtypes.
 
-    shadows: list[Tensor]
+    ``shadows[k]`` lists shadow ``k`` of every param (one list per EMA), aligned with ``params``.
+    """
+
+    shadows: tuple[list[Tensor], ...]
     params: list[Tensor]
     # Shadow dtype differs from the param dtype (e.g. fp32 shadows of bf16 params), on one
-    # device: how the params go through the cast scratch.
+    # device: how the params go through the cast scratch, once for all shadows.
     casts: Optional[CastPlan] = None
     # Shadows offloaded to another device (ema_device="cpu"): the same shadows paired with
     # staging buffers on their device, which take the params' values before each update
@@ -52,30 +53,34 @@ class CastPlan(NamedTuple):
     """How a mixed group's params are cast into a small scratch, planned once with the grouping.
 
     Params that fit are packed into scratch-sized batches (the scratch views are shaped like
-    the params, so one foreach copy casts a batch); larger params go through it in pieces.
-    The params themselves are kept, not views of them, so ``p.data = ...`` is still seen.
+    the params, so one foreach copy casts a batch for every shadow); larger params go through
+    it in pieces. The params themselves are kept, not views of them, so ``p.data = ...`` is
+    still seen.
     """
 
-    batches: list[tuple[list[Tensor], list[Tensor], list[Tensor]]]  # (shadows, params, scratch views)
-    large: list[tuple[Tensor, Tensor]]  # (shadow, param) pairs bigger than the scratch
+    batches: list[tuple[tuple[list[Tensor], ...], list[Tensor], list[Tensor]]]  # (shadows, params, views)
+    large: list[tuple[tuple[Tensor, ...], Tensor]]  # (shadows, param) of params bigger than the scratch
     scratch: Tensor
 
 
-def group_pairs(shadows: Sequence[Tensor], params: Sequence[Tensor]) -> list[Group]:
-    """Group (shadow, param) pairs by (devices, dtypes); done once and cached by the optimizer."""
-    buckets: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
-    for s, p in zip(shadows, params):
-        s, p = local(s), local(p)
-        key = (s.device, s.dtype, p.device, p.dtype)
-        bucket = buckets.setdefault(key, ([], []))
-        bucket[0].append(s)
+def group_pairs(shadows: Sequence[Sequence[Tensor]], params: Sequence[Tensor]) -> list[Group]:
+    """Group params and their shadows (``shadows[i]``: the shadows of ``params[i]``) by
+    (devices, dtypes); done once and cached by the optimizer."""
+    buckets: dict[tuple, tuple[list[list[Tensor]], list[Tensor]]] = {}
+    for ss, p in zip(shadows, params):
+        ss, p = [local(s) for s in ss], local(p)
+        key = (ss[0].device, ss[0].dtype, p.device, p.dtype)
+        bucket = buckets.setdefault(key, ([[] for _ in ss], []))
+        for column, s in zip(bucket[0], ss):
+            column.append(s)
         bucket[1].append(p)
     groups = []
-    for (s_device, s_dtype, p_device, p_dtype), (ss, ps) in buckets.items():
+    for (s_device, s_dtype, p_device, p_dtype), (columns, ps) in buckets.items():
+        cols = tuple(columns)
         if offloaded(s_device, p_device):
-            groups.append(Group(ss, ps, staged=_staging_group(ss, ps)))
+            groups.append(Group(cols, ps, staged=_staging_group(cols, ps)))
         else:
-            groups.append(Group(ss, ps, casts=plan_casts(ss, ps) if s_dtype != p_dtype else None))
+            groups.append(Group(cols, ps, casts=plan_casts(cols, ps) if s_dtype != p_dtype else None))
     return groups
 
 
@@ -84,12 +89,13 @@ def offloaded(shadow_device: torch.device, param_device: torch.device) -> bool:
     return shadow_device != param_device
 
 
-def _staging_group(shadows: list[Tensor], params: list[Tensor]) -> Group:
+def _staging_group(shadows: tuple[list[Tensor], ...], params: list[Tensor]) -> Group:
     """The shadows paired with one staging buffer per param on the shadows' device, in the
     param's dtype and memory layout; pinned when CUDA is there, so the copies are asynchronous."""
-    pin = torch.cuda.is_available() and shadows[0].device.type == "cpu"
-    bufs = [empty_like_dense(p, p.dtype, s.device, pin_memory=pin) for s, p in zip(shadows, params)]
-    casts = plan_casts(shadows, bufs) if shadows[0].dtype != bufs[0].dtype else None
+    device = shadows[0][0].device
+    pin = torch.cuda.is_available() and device.type == "cpu"
+    bufs = [empty_like_dense(p, p.dtype, device, pin_memory=pin) for p in params]
+    casts = plan_casts(shadows, bufs) if shadows[0][0].dtype != bufs[0].dtype else None
     return Group(shadows, bufs, casts=casts)
 
 
@@ -100,49 +106,57 @@ def empty_like_dense(p: Tensor, dtype: torch.dtype, device: torch.device, pin_me
     return torch.empty_strided(p.shape, stride, dtype=dtype, device=device, pin_memory=pin_memory)
 
 
-def plan_casts(shadows: list[Tensor], params: list[Tensor]) -> CastPlan:
+def plan_casts(shadows: tuple[list[Tensor], ...], params: list[Tensor]) -> CastPlan:
     total = sum(p.numel() for p in params)
     size = min(CHUNK, max(SCRATCH_MIN, total // 32))
-    scratch = torch.empty(size, dtype=shadows[0].dtype, device=shadows[0].device)
-    batches, large = [], []
-    batch: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
+    first = shadows[0][0]
+    scratch = torch.empty(size, dtype=first.dtype, device=first.device)
+    batches: list = []
+    large = []
+    batch: tuple[list[tuple[Tensor, ...]], list[Tensor], list[Tensor]] = ([], [], [])
     used = 0
-    for s, p in zip(shadows, params):
+    for i, p in enumerate(params):
         n = p.numel()
+        ss = tuple(column[i] for column in shadows)
         if n > size:
-            large.append((s, p))
+            large.append((ss, p))
             continue
         if used + n > size:
             batches.append(batch)
             batch, used = ([], [], []), 0
-        batch[0].append(s)
+        batch[0].append(ss)
         batch[1].append(p)
         batch[2].append(scratch.narrow(0, used, n).view(p.shape))
         used += n
-    if batch[0]:
+    if batch[1]:
         batches.append(batch)
+    # per batch: one shadow list per EMA, aligned with the batch's params
+    batches = [(tuple(map(list, zip(*ss))), ps, views) for ss, ps, views in batches]
     return CastPlan(batches, large, scratch)
 
 
 def copy_(groups: Sequence[Group]) -> None:
-    """``ema <- weight`` for every pair."""
+    """``ema <- weight`` for every pair and every shadow."""
     for g in groups:
-        torch._foreach_copy_(g.shadows, g.params)
+        for column in g.shadows:
+            torch._foreach_copy_(column, g.params)
 
 
-def lerp_(groups: Sequence[Group], weight: Weight) -> None:
-    """``ema <- ema + weight * (w - ema)``, i.e. ``ema <- d * ema + (1 - d) * w`` with ``weight = 1 - d``.
+def lerp_(groups: Sequence[Group], weights: Sequence[Weight]) -> None:
+    """``ema_k <- ema_k + weights[k] * (w - ema_k)`` for every shadow ``k``, i.e.
+    ``ema_k <- d_k * ema_k + (1 - d_k) * w`` with ``weights[k] = 1 - d_k``.
 
-    ``weight`` is a Python float (eager: the fastest multi-tensor kernels take it as a
+    Each weight is a Python float (eager: the fastest multi-tensor kernels take it as a
     kernel argument, no device read) or a 0-dim tensor on the shadows' device (under
     ``torch.compile``, or when the weight depends on device values such as GradScaler's
     ``found_inf``); neither form syncs.
     """
     for g in groups:
         if g.casts is not None:
-            _cast_lerp_(g.casts, weight)
+            _cast_lerp_(g.casts, weights)
         else:
-            _foreach_lerp_(g.shadows, g.params, weight)
+            for column, w in zip(g.shadows, weights):
+                _foreach_lerp_(column, g.params, w)
 
 
 def _weight_for(weight: Weight, like: Tensor) -> Weight:
@@ -158,29 +172,33 @@ def _foreach_lerp_(shadows: list[Tensor], ends: list[Tensor], weight: Weight) ->
     torch._foreach_lerp_(shadows, ends, [weight] * len(shadows) if isinstance(weight, Tensor) else weight)
 
 
-def _cast_lerp_(plan: CastPlan, weight: Weight) -> None:
+def _cast_lerp_(plan: CastPlan, weights: Sequence[Weight]) -> None:
     # The lerp kernels want one dtype per pair, so low-precision params are cast into the
-    # scratch first (a batch at a time) and then folded in with lerp's single rounding. This
-    # measured 1.1-2.4x faster on CPU than mixed-dtype mul_/add_ (benchmarks/RESULTS.md) and
-    # allocates nothing per step; the scratch is at most 4 MB.
-    weight = _weight_for(weight, plan.scratch)
-    for shadows, params, bufs in plan.batches:
+    # scratch first (a batch at a time, once for all shadows) and then folded in with lerp's
+    # single rounding. This measured 1.1-2.4x faster on CPU than mixed-dtype mul_/add_
+    # (benchmarks/RESULTS.md) and allocates nothing per step; the scratch is at most 4 MB.
+    weights = [_weight_for(w, plan.scratch) for w in weights]
+    for columns, params, bufs in plan.batches:
         torch._foreach_copy_(bufs, params)
-        _foreach_lerp_(shadows, bufs, weight)
-    for s, p in plan.large:
-        _lerp_in_pieces_(s, p, weight, plan.scratch)
+        for column, w in zip(columns, weights):
+            _foreach_lerp_(column, bufs, w)
+    for ss, p in plan.large:
+        _lerp_in_pieces_(ss, p, weights, plan.scratch)
 
 
-def _lerp_in_pieces_(s: Tensor, p: Tensor, weight: Weight, scratch: Tensor) -> None:
-    """Lerp a shadow toward a param of another dtype, one piece at a time through ``scratch``."""
-    if flat(p) is None or not same_layout(s, p):  # rare: a param with gaps; one copy of it
-        s.lerp_(p.to(s.dtype), weight)
+def _lerp_in_pieces_(ss: tuple[Tensor, ...], p: Tensor, weights: Sequence[Weight], scratch: Tensor) -> None:
+    """Lerp shadows toward a param of another dtype, one piece at a time through ``scratch``."""
+    if flat(p) is None or not all(same_layout(s, p) for s in ss):  # rare: a param with gaps
+        moved = p.to(ss[0].dtype)
+        for s, w in zip(ss, weights):
+            s.lerp_(moved, w)
         return
     size = scratch.numel()
-    for s_piece, p_piece in zip(pieces(s, size), pieces(p, size)):
+    for offset, p_piece in zip(range(0, p.numel(), size), pieces(p, size)):
         moved = scratch.narrow(0, 0, p_piece.numel())
         moved.copy_(p_piece)
-        s_piece.lerp_(moved, weight)
+        for s, w in zip(ss, weights):
+            flat(s).narrow(0, offset, p_piece.numel()).lerp_(moved, w)
 
 
 def flat(t: Tensor) -> Optional[Tensor]:
@@ -206,132 +224,3 @@ def pieces(t: Tensor, size: Optional[int] = None) -> list[Tensor]:
     size = size or CHUNK
     whole = flat(t)
     return list(whole.split(size)) if whole.numel() > size else [whole]
-
-
-# ---------------------------------------------------------------------------------------------
-# Swap. Three ways to put the EMA into a param and get the training value back bit for bit:
-#   "exchange": same dtype: the two tensors trade values, a piece at a time through a scratch;
-#   "pack":     bf16 param, fp32 shadow: the shadow's 32 bits keep the param's 16 training bits
-#               plus the low 16 bits of the EMA; the param holds the EMA rounded to bf16, whose
-#               rounding carry is a function of those low bits, so both come back exactly;
-#   "pack16":   fp16 param, fp32 shadow: the param holds the EMA rounded to fp16, the shadow's
-#               32 bits keep the 16 training bits and the rounding residual as an int16 count
-#               of the EMA's finest fp32 step; exact while the EMA is in fp16's normal range;
-#   "copy":     any other dtype pair, a param whose memory is not one dense block, or a shadow
-#               that cannot be packed (a NaN; for fp16 an EMA outside fp16's normal range):
-#               keep a copy of the param's training values.
-# Exchange and pack work piece by piece, so the caller can record how far it got.
-# ---------------------------------------------------------------------------------------------
-
-
-def swap_method(shadow: Tensor, param: Tensor) -> str:
-    shadow, param = local(shadow), local(param)
-    if flat(param) is None or flat(shadow) is None or not same_layout(shadow, param):
-        return "copy"
-    if shadow.dtype == param.dtype:
-        return "exchange"
-    if shadow.dtype == torch.float32 and sys.byteorder == "little":
-        return {torch.bfloat16: "pack", torch.float16: "pack16"}.get(param.dtype, "copy")
-    return "copy"
-
-
-def swap_pieces(shadow: Tensor, param: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """The (shadow, param) pieces that exchange_/pack_/unpack_ take, for one pair."""
-    return list(zip(pieces(local(shadow)), pieces(local(param))))
-
-
-def exchange_(s: Tensor, p: Tensor) -> None:
-    """Trade the values of two same-dtype pieces in place (self-inverse)."""
-    scratch = p.clone()
-    p.copy_(s)
-    s.copy_(scratch)
-
-
-def _on_param_device(kernel):
-    """Run a pack kernel on an offloaded shadow piece through a copy on the param's device."""
-
-    @functools.wraps(kernel)
-    def run(s: Tensor, p: Tensor) -> None:
-        work = s.to(p.device)  # the piece itself unless the shadow is offloaded
-        kernel(work, p)
-        if work is not s:
-            s.copy_(work)
-
-    return run
-
-
-@_on_param_device
-def pack_(s: Tensor, p: Tensor) -> None:
-    """Put an fp32 EMA piece into a bf16 param piece; keep the training bits inside the shadow."""
-    low, high = _halves(s)
-    carry = low < 0  # the dropped low half is >= 0x8000: round up (half away from zero)
-    train = p.view(torch.int16).clone()
-    p.view(torch.int16).copy_(high + carry)  # int16 arithmetic wraps like the bit pattern
-    high.copy_(train)
-
-
-@_on_param_device
-def unpack_(s: Tensor, p: Tensor) -> None:
-    """Inverse of :func:`pack_`: training bits back into the param, the exact EMA into the shadow."""
-    low, high = _halves(s)
-    train = high.clone()
-    high.copy_(p.view(torch.int16) - (low < 0).to(torch.int16))
-    p.view(torch.int16).copy_(train)
-
-
-def _halves(fp32: Tensor) -> tuple[Tensor, Tensor]:
-    """Views of the low and high 16 bits of each element of a flat fp32 tensor (little-endian)."""
-    pairs = fp32.view(torch.int16).view(-1, 2)
-    return pairs[:, 0], pairs[:, 1]
-
-
-@_on_param_device
-def pack16_(s: Tensor, p: Tensor) -> None:
-    """Put an fp32 EMA piece into an fp16 param piece; keep the training bits and the residual."""
-    h = s.to(torch.float16)
-    hf = h.float()
-    residual = ((s - hf) / _finest_step(hf)).to(torch.int16)  # exact (Sterbenz), |.| <= 2**13
-    train = p.view(torch.int16).clone()
-    low, high = _halves(s)
-    low.copy_(residual)
-    high.copy_(train)
-    p.copy_(h)
-
-
-@_on_param_device
-def unpack16_(s: Tensor, p: Tensor) -> None:
-    """Inverse of :func:`pack16_`."""
-    low, high = _halves(s)
-    hf = p.float()
-    residual, train = low.float(), high.clone()
-    # both terms and their sum are exact in fp32; where() keeps the sign of a -0.0 EMA
-    s.copy_(torch.where(residual == 0, hf, hf + residual * _finest_step(hf)))
-    p.view(torch.int16).copy_(train)
-
-
-def _finest_step(hf: Tensor) -> Tensor:
-    """2 ** (exponent(hf) - 24): the fp32 spacing just below hf's binade, as an fp32 tensor."""
-    exponent = (hf.view(torch.int32) >> 23) & 0xFF
-    return ((exponent - 24).clamp(min=1) << 23).view(torch.float32)
-
-
-SWAP_KERNELS = {"exchange": (exchange_, exchange_), "pack": (pack_, unpack_), "pack16": (pack16_, unpack16_)}
-
-
-def packable(pairs: Sequence[tuple[Tensor, str]]) -> list[bool]:
-    """Whether each (shadow, method) can be packed exactly, with one host read (swap time only).
-
-    bf16: any EMA but NaN (whose bf16 rounding would not show as NaN); fp16: an EMA of 0 or in
-    fp16's normal range (finite after rounding, magnitude >= 2**-14).
-    """
-    if not pairs:
-        return []
-    checks = []
-    for shadow, method in pairs:
-        s = local(shadow)
-        if method == "pack":
-            checks.append(~torch.isnan(s).any())
-        else:
-            h = s.to(torch.float16)
-            checks.append((torch.isfinite(h) & ((h.float().abs() >= 2.0**-14) | (s == 0))).all())
-    return torch.stack([c.to(checks[0].device) for c in checks]).tolist()

@@ -18,7 +18,7 @@ only the fold runs in the background.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -37,21 +37,21 @@ class Offload:
         self.active = False  # launched at least once: the optimizer then waits at every step
 
     @torch.compiler.disable
-    def launch(self, groups: list[Group], weight: Optional[Weight]) -> None:
+    def launch(self, groups: list[Group], weights: Optional[Sequence[Weight]]) -> None:
         """Stage the params of ``groups`` now and fold them into the shadows in the background:
-        ``lerp_`` with ``weight``, or ``copy_`` when ``weight`` is None."""
+        ``lerp_`` with ``weights`` (one per shadow), or ``copy_`` when ``weights`` is None."""
         self.wait()
         self.active = True
         events: list[Copies] = []
         for g in groups:
             self._stage(g.params, g.staged.params, events)
-        if isinstance(weight, Tensor):  # its own copy: the caller may refill its tensor later
-            host = torch.empty((), dtype=weight.dtype, pin_memory=weight.is_cuda)
-            self._stage([weight], [host], events, temporary=True)
-            weight = host
+        if weights is not None and isinstance(weights[0], Tensor):  # own copies: the caller may refill them
+            hosts = [torch.empty((), dtype=w.dtype, pin_memory=w.is_cuda) for w in weights]
+            self._stage(list(weights), hosts, events, temporary=True)
+            weights = hosts
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ema_optim")
-        self._pending = self._executor.submit(_fold, [g.staged for g in groups], events, weight)
+        self._pending = self._executor.submit(_fold, [g.staged for g in groups], events, weights)
 
     def _stage(
         self,
@@ -101,12 +101,12 @@ class Offload:
 Copies = tuple[torch.device, torch.cuda.Event, list[Tensor]]
 
 
-def _fold(groups: list[Group], events: list[Copies], weight: Optional[Weight]) -> None:
+def _fold(groups: list[Group], events: list[Copies], weights: Optional[Sequence[Weight]]) -> None:
     for device, done, _ in events:
         with torch.cuda.device(device):  # a new thread is on GPU 0: no stray context there
             done.synchronize()  # blocks this thread only (a blocking event: no spinning)
     with torch.no_grad():
-        if weight is None:
+        if weights is None:
             _kernels.copy_(groups)
         else:
-            _kernels.lerp_(groups, weight)
+            _kernels.lerp_(groups, weights)

@@ -62,7 +62,7 @@ def eager():
 def _assert_matches(run, eager_run):
     model, opt, _ = run
     model_e, opt_e, _ = eager_run
-    assert opt._updates == opt_e._updates == STEPS
+    assert opt._rt.counters.updates == opt_e._rt.counters.updates == STEPS
     for p, q in zip(model.parameters(), model_e.parameters()):
         torch.testing.assert_close(p, q, atol=ATOL, rtol=RTOL)
         torch.testing.assert_close(opt.state[p]["ema"], opt_e.state[q]["ema"], atol=ATOL, rtol=RTOL)

@@ -84,14 +84,14 @@ def test_schedule_value_outside_range_changes_nothing(bad):
     before = (
         [p.detach().clone() for p in model.parameters()],
         [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()],
-        (opt._steps, opt._updates, opt._decay_prod),
+        opt._rt.counters,
     )
     with pytest.raises((ValueError, TypeError), match="decay schedule"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before[0], model.parameters()))
     for saved, p in zip(before[1], model.parameters()):
         assert all(torch.equal(v, opt.state[p][k]) for k, v in saved.items())
-    assert before[2] == (opt._steps, opt._updates, opt._decay_prod)
+    assert before[2] == opt._rt.counters
 
 
 def test_failing_inner_step_changes_no_shadow_or_counter():
@@ -104,7 +104,7 @@ def test_failing_inner_step_changes_no_shadow_or_counter():
     with pytest.raises(RuntimeError, match="data loader broke"):
         opt.step(closure)
     assert all("ema" not in opt.state[p] for p in model.parameters())
-    assert opt._steps == 0
+    assert opt._rt.counters.steps == 0
 
 
 def test_load_state_dict_of_wrong_type():

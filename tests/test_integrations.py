@@ -139,7 +139,7 @@ def test_lightning_checkpoint_resume_is_exact(tmp_path):
     t2 = trainer(tmp_path / "resumed", max_epochs=2)
     t2.fit(resumed, loader(), ckpt_path=ckpt)
     opt_full, opt_resumed = trainer_optimizer(full), trainer_optimizer(resumed)
-    assert isinstance(opt_resumed, EMAOptimizer) and opt_resumed._steps == 8
+    assert isinstance(opt_resumed, EMAOptimizer) and opt_resumed._rt.counters.steps == 8
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
         assert torch.equal(opt_full.state[a]["ema"], opt_resumed.state[b]["ema"])
@@ -230,7 +230,7 @@ def test_lightning_emaswap_restores_weights_when_validation_raises(tmp_path):
     with pytest.raises(ValueError, match="validation failed"):
         t.fit(model, loader(), loader())
     opt = t.optimizers[0]
-    assert opt._swapped is None
+    assert opt._rt.swapped is None
     assert all(torch.equal(a, b) for a, b in zip(model.after_batch, model.parameters()))
     assert not all(torch.equal(opt.state[p]["ema"], p) for p in model.parameters())
 
@@ -318,7 +318,7 @@ def test_accelerate_prepare_accumulate_and_swap():
     accelerate = pytest.importorskip("accelerate")
     model, opt, initial, after = _accelerate_run(accelerate, data_seeds=(1, 2))
     assert type(opt).__name__ == "AcceleratedOptimizer" and isinstance(opt.optimizer, EMAOptimizer)
-    assert opt.optimizer._steps == 4 and len(after) == 4  # 8 micro-batches, accumulation 2
+    assert opt.optimizer._rt.counters.steps == 4 and len(after) == 4  # 8 micro-batches, accumulation 2
     # float64 reference: ema = d*ema + (1-d)*w after each real step, from the weights at the first step
     ref = [w.clone() for w in initial]
     for weights in after:
@@ -339,7 +339,7 @@ def test_accelerate_save_state_load_state_resume_is_exact(tmp_path):
     full, full_opt, _, _ = _accelerate_run(accelerate, data_seeds=(1, 2))
     _accelerate_run(accelerate, data_seeds=(1,), save_dir=tmp_path / "state")
     resumed, resumed_opt, _, _ = _accelerate_run(accelerate, data_seeds=(2,), load_dir=tmp_path / "state")
-    assert resumed_opt.optimizer._steps == 4
+    assert resumed_opt.optimizer._rt.counters.steps == 4
     assert resumed_opt.state is resumed_opt.optimizer.optimizer.state  # still shared with the inner
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
@@ -367,7 +367,7 @@ def test_accelerate_scaler_skips_inf_step():
         assert opt.step_was_skipped == (i == 2)
     for (w, s), p in zip(before, model.parameters()):
         assert torch.equal(w, p) and torch.equal(s, opt.state[p]["ema"])
-    assert opt.optimizer._steps == 2
+    assert opt.optimizer._rt.counters.steps == 2
 
 
 # ---------------------------------------------------------------------------------- transformers.Trainer
@@ -436,7 +436,7 @@ def test_transformers_trainer_saves_resumes_and_evaluates_on_ema(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     full, full_opt, full_trainer = _hf_run(transformers, tmp_path / "full", max_steps=8)
-    assert full_opt._steps == 8
+    assert full_opt._rt.counters.steps == 8
     # Trainer's checkpoint (optimizer.pt) carries the shadows
     saved = torch.load(tmp_path / "full" / "checkpoint-8" / "optimizer.pt", weights_only=True)
     for i, p in enumerate(full.parameters()):
@@ -451,7 +451,7 @@ def test_transformers_trainer_saves_resumes_and_evaluates_on_ema(tmp_path):
     resumed, resumed_opt, _ = _hf_run(
         transformers, tmp_path / "full", max_steps=8, resume=str(tmp_path / "full" / "checkpoint-4")
     )
-    assert resumed_opt._steps == 8
+    assert resumed_opt._rt.counters.steps == 8
     for a, b in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
         assert torch.equal(full_opt.state[a]["ema"], resumed_opt.state[b]["ema"])

@@ -81,12 +81,12 @@ def test_offloaded_shadows_equal_on_device_bitwise(name, monkeypatch):
     history = []
     train(model, opt, 7, history=history)
     expected = shadows(opt, model)
-    assert all(g.staged is None for g in opt._ema_groups())  # the on-device run is really on-device
+    assert all(g.staged is None for g in opt._rt.layout.groups)  # the on-device run is really on-device
 
     monkeypatch.setattr(_kernels, "offloaded", lambda shadow_device, param_device: True)
     model_o, opt_o = make(dtype, ema_device="cpu", **kwargs)
     train(model_o, opt_o, 7)
-    assert all(g.staged is not None for g in opt_o._ema_groups()), "the offload pipeline must be used"
+    assert all(g.staged is not None for g in opt_o._rt.layout.groups), "the offload pipeline must be used"
     got = shadows(opt_o, model_o)
     for e, g in zip(expected, got):
         assert g.dtype == e.dtype == torch.float32
@@ -107,7 +107,7 @@ def held_run(gate, decay, steps):
     train(reference_model, reference, 1, seed=2)
     expected = shadows(reference, reference_model)
     train(model, opt, steps - 1)
-    opt._offload.wait()  # the earlier folds are done; hold the next one
+    opt._rt.offload.wait()  # the earlier folds are done; hold the next one
     gate.clear()
     train(model, opt, 1, seed=2)  # returns with the last update held behind the gate
     return model, opt, reference_model, reference, expected
@@ -115,20 +115,30 @@ def held_run(gate, decay, steps):
 
 def test_step_returns_while_the_fold_is_pending_and_readers_wait(force_offload, gate):
     model, opt, _, _, expected = held_run(gate, decay=0.7, steps=3)
-    pending = opt._offload._pending
+    pending = opt._rt.offload._pending
     assert pending is not None and not pending.done()
-    # what a reader that does not wait would see: step 2's shadows
-    assert not any(torch.equal(opt.state[p]["ema"], e) for p, e in zip(model.parameters(), expected))
+    # what a reader that does not wait would see (the inner optimizer's state): step 2's shadows
+    inner_state = opt.optimizer.state
+    assert not any(torch.equal(inner_state[p]["ema"], e) for p, e in zip(model.parameters(), expected))
 
     threading.Timer(0.2, gate.set).start()
-    got = shadows(opt, model)  # state_dict() waits for the fold
+    got = [opt.state[p]["ema"] for p in model.parameters()]  # opt.state waits for the fold
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+def test_an_edit_through_opt_state_after_step_is_not_overwritten_by_the_fold(force_offload, gate):
+    model, opt, _, _, _ = held_run(gate, decay=0.5, steps=2)
+    threading.Timer(0.2, gate.set).start()
+    p = next(model.parameters())
+    opt.state[p]["ema"].fill_(100.0)  # waits for the pending fold first
+    opt._rt.offload.wait()
+    assert torch.all(opt.state_dict()["state"][0]["ema"] == 100.0)
 
 
 @pytest.mark.parametrize("reader", ["swap", "deepcopy", "pickle", "load_state_dict", "next_step"])
 def test_every_reader_waits_for_the_pending_update(force_offload, gate, reader):
     model, opt, reference_model, reference, expected = held_run(gate, decay=0.6, steps=2)
-    assert not opt._offload._pending.done()
+    assert not opt._rt.offload._pending.done()
     threading.Timer(0.2, gate.set).start()
     if reader == "swap":
         with opt.swap_ema_weights():
@@ -137,7 +147,7 @@ def test_every_reader_waits_for_the_pending_update(force_offload, gate, reader):
         clone = copy.deepcopy(opt) if reader == "deepcopy" else pickle.loads(pickle.dumps(opt))
         got = [clone.state[p]["ema"] for p in clone.param_groups[0]["params"]]
         train(model, opt, 1)  # the original goes on; the copy has its own pipeline
-        assert clone._offload is not opt._offload
+        assert clone._rt.offload is not opt._rt.offload
     elif reader == "load_state_dict":
         opt.load_state_dict(reference.state_dict())  # must not race with the fold into the old shadows
         got = shadows(opt, model)
@@ -195,8 +205,8 @@ def test_gradscaler_skip_and_tensor_weight_through_the_offload(monkeypatch):
 def test_without_offload_nothing_runs_in_the_background():
     model, opt = make(decay=0.5, ema_device="cpu")  # CPU params: the shadows are already there
     train(model, opt, 2)
-    assert all(g.staged is None for g in opt._ema_groups())
-    assert opt._offload._pending is None
+    assert all(g.staged is None for g in opt._rt.layout.groups)
+    assert opt._rt.offload._pending is None
 
 
 def test_compiled_step_with_offload_equals_compiled_on_device(monkeypatch):
@@ -245,7 +255,7 @@ def test_a_fold_that_failed_stops_the_next_step_before_it_changes_anything(force
     train(model, opt, 1)
     monkeypatch.setattr(_offload, "_fold", slow_failure)
     train(model, opt, 1)
-    assert not opt._offload._pending.done()  # the next step starts while the fold still runs
+    assert not opt._rt.offload._pending.done()  # the next step starts while the fold still runs
     threading.Timer(0.2, release.set).start()
     params = [p.detach().clone() for p in model.parameters()]
     model(torch.ones(2, 5)).sum().backward()

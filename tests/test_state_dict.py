@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from ema_optim import EMAOptimizer, schedules
+from ema_optim import EMAOptimizer, _shadows, schedules
 
 
 def make(dtype=torch.float32, inner="adamw", seed=0, **kwargs):
@@ -54,7 +54,7 @@ def full_snapshot(model, opt):
         [p.detach().clone() for p in model.parameters()],
         copy.deepcopy({id(p): s for p, s in opt.state.items()}),
         copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]),
-        (opt._steps, opt._updates, opt._decay_prod),
+        opt._rt.counters,
         opt.state is opt.optimizer.state and opt.param_groups is opt.optimizer.param_groups,
     )
 
@@ -138,7 +138,7 @@ def test_plain_inner_state_dict_warns_and_restarts():
     with pytest.warns(UserWarning, match="restarts"):
         opt.load_state_dict(plain.state_dict())
     assert all("ema" not in opt.state[p] for p in model.parameters())
-    assert opt._steps == 0 and opt._updates == 0
+    assert opt._rt.counters.steps == 0 and opt._rt.counters.updates == 0
     weights = [p.detach().clone() for p in model.parameters()]
     train(model, opt, 1, seed=4)
     # restarted: the shadow is 0.9 * (weights at this step's start) + 0.1 * (weights after it)
@@ -184,10 +184,6 @@ def _short_group(sd):
     sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:-1]
 
 
-def _unknown_id(sd):
-    sd["state"][99] = {"ema": torch.zeros(1)}
-
-
 def _no_state(sd):
     sd.pop("state")
 
@@ -213,7 +209,6 @@ BAD = [
     (_missing_inner_key, "lacks the keys"),
     (_extra_group, "param groups"),
     (_short_group, "params"),
-    (_unknown_id, "no param group lists"),
     (_no_state, "'state'"),
     (_ema_not_tensor, "floating tensor"),
     (_bad_counter, "ema_updates"),
@@ -430,7 +425,7 @@ def test_shadow_that_cannot_be_made_fails_the_load_before_anything_changes(monke
     sd_meta["state"][1]["ema"] = torch.empty(sd["state"][1]["ema"].shape, device="meta")
     with pytest.raises(ValueError, match="meta"):
         opt_b.load_state_dict(sd_meta)
-    real, calls = EMAOptimizer._as_shadow, []
+    real, calls = _shadows.Spec.make, []
 
     def failing(self, p, value):
         calls.append(1)
@@ -438,7 +433,7 @@ def test_shadow_that_cannot_be_made_fails_the_load_before_anything_changes(monke
             raise RuntimeError("out of memory")
         return real(self, p, value)
 
-    monkeypatch.setattr(EMAOptimizer, "_as_shadow", failing)
+    monkeypatch.setattr(_shadows.Spec, "make", failing)
     with pytest.raises(ValueError, match="out of memory"):
         opt_b.load_state_dict(sd)
     assert_unchanged(before, full_snapshot(model_b, opt_b))
@@ -459,7 +454,7 @@ def test_counters_survive_when_no_group_has_shadows_yet():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt2.load_state_dict(sd)
-    assert opt2._steps == 3
+    assert opt2._rt.counters.steps == 3
 
 
 COUNTERS = ("ema_steps", "ema_updates", "ema_decay_prod")

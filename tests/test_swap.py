@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ema_optim import EMAOptimizer, _kernels
+from ema_optim import EMAOptimizer, _kernels, _swap
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -148,8 +148,8 @@ def test_pack_unpack_is_the_identity_on_every_bit_pattern():
     shadow = torch.cat([shadow, edges])
     param = torch.cat([param, param[: len(edges)]])
     s, p = shadow.clone(), param.clone()
-    _kernels.pack_(s, p)
-    _kernels.unpack_(s, p)
+    _swap.pack_(s, p)
+    _swap.unpack_(s, p)
     assert torch.equal(s.view(torch.int32), shadow.view(torch.int32))
     assert torch.equal(p.view(torch.int16), param.view(torch.int16))
 
@@ -158,7 +158,7 @@ def test_pack_rounds_to_nearest_bf16():
     g = torch.Generator().manual_seed(3)
     shadow = torch.randn(100_000, generator=g) * torch.logspace(-30, 30, 100_000).float()
     s, p = shadow.clone(), torch.zeros(100_000, dtype=torch.bfloat16)
-    _kernels.pack_(s, p)
+    _swap.pack_(s, p)
     # reference in float64: the two bf16 neighbours of the value, take the nearer one
     x = shadow.double()
     down = shadow.view(torch.int32) & ~0xFFFF  # truncation toward zero (sign-magnitude)
@@ -194,7 +194,7 @@ def test_swap_load_and_add_group_through_a_proxy_reach_the_real_optimizer():
             opt.step()
         assert torch.equal(proxy.state_dict()["state"][0]["ema"], shadow)
     proxy.load_state_dict(sd)
-    assert opt._steps == sd["param_groups"][0]["ema_steps"] and "_steps" not in vars(proxy)
+    assert opt._rt.counters.steps == sd["param_groups"][0]["ema_steps"] and "_steps" not in vars(proxy)
     extra = torch.nn.Parameter(torch.ones(2))
     proxy.add_param_group({"params": [extra]})
     extra.grad = torch.ones(2)
@@ -218,7 +218,7 @@ def test_channels_last_params_swap_in_place_and_step_allocates_nothing():
     assert spy.bytes < 0.01 * w.numel() * 2
     before, shadow = bits(w), opt.state[w]["ema"].clone()
     with opt.swap_ema_weights():
-        assert [r.method for r in opt._swapped] == ["pack", "pack"]
+        assert [r.method for r in opt._rt.swapped] == ["pack", "pack"]
         torch.testing.assert_close(w.detach().float(), shadow, rtol=2**-8, atol=0)
     assert torch.equal(bits(w), before) and torch.equal(opt.state[w]["ema"], shadow)
 
@@ -249,7 +249,7 @@ def test_failure_between_pieces_of_a_large_tensor_restores_everything(dtype, mon
     before = [bits(p) for p in params]
     shadows = [bits(opt.state[p]["ema"]) for p in params]
     method = {torch.float32: "exchange", torch.bfloat16: "pack", torch.float16: "pack16"}[dtype]
-    (real, inverse), calls = _kernels.SWAP_KERNELS[method], []
+    (real, inverse), calls = _swap.SWAP_KERNELS[method], []
 
     def flaky(s, p):
         calls.append(1)
@@ -257,13 +257,13 @@ def test_failure_between_pieces_of_a_large_tensor_restores_everything(dtype, mon
             raise KeyboardInterrupt
         real(s, p)
 
-    monkeypatch.setitem(_kernels.SWAP_KERNELS, method, (flaky, inverse))
+    monkeypatch.setitem(_swap.SWAP_KERNELS, method, (flaky, inverse))
     with pytest.raises(KeyboardInterrupt):
         with opt.swap_ema_weights():
             pass
     assert all(torch.equal(a, bits(p)) for a, p in zip(before, params))
     assert all(torch.equal(a, bits(opt.state[p]["ema"])) for a, p in zip(shadows, params))
-    assert opt._swapped is None
+    assert opt._rt.swapped is None
 
 
 def test_pack16_is_exact_and_rounds_like_torch():
@@ -271,14 +271,14 @@ def test_pack16_is_exact_and_rounds_like_torch():
     mags = torch.logspace(-4.2, 4.5, 200_000).float()  # fp16's normal range is [6.1e-5, 65504]
     shadow = torch.randn(200_000, generator=g).sign() * mags * (1 + torch.rand(200_000, generator=g))
     shadow[:3] = torch.tensor([0.0, -0.0, 65504.0])
-    assert all(_kernels.packable([(shadow, "pack16")]))
+    assert all(_swap.packable([(shadow, "pack16")]))
     param = torch.randn(200_000, generator=g).half()
     s, p = shadow.clone(), param.clone()
-    for s_piece, p_piece in _kernels.swap_pieces(s, p):
-        _kernels.pack16_(s_piece, p_piece)
+    for s_piece, p_piece in _swap.swap_pieces(s, p):
+        _swap.pack16_(s_piece, p_piece)
     assert torch.equal(p.view(torch.int16), shadow.half().view(torch.int16))  # torch's own rounding
-    for s_piece, p_piece in _kernels.swap_pieces(s, p):
-        _kernels.unpack16_(s_piece, p_piece)
+    for s_piece, p_piece in _swap.swap_pieces(s, p):
+        _swap.unpack16_(s_piece, p_piece)
     assert torch.equal(s.view(torch.int32), shadow.view(torch.int32))
     assert torch.equal(p.view(torch.int16), param.view(torch.int16))
 
@@ -292,6 +292,6 @@ def test_fp16_ema_outside_fp16_range_falls_back_to_a_copy(value):
     opt.state[w]["ema"][1] = value
     before, shadow = bits(w), opt.state[w]["ema"].clone()
     with opt.swap_ema_weights():
-        assert [r.method for r in opt._swapped] == ["copy"]
+        assert [r.method for r in opt._rt.swapped] == ["copy"]
         torch.testing.assert_close(w.detach(), shadow.half(), rtol=0, atol=0, equal_nan=True)
     assert torch.equal(bits(w), before) and torch.equal(bits(opt.state[w]["ema"]), bits(shadow))

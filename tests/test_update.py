@@ -292,7 +292,7 @@ def test_low_precision_params_of_every_size_go_through_the_cast_scratch_exactly(
             p.grad = torch.randn_like(p)
         opt.step()
         history.append([p.detach().double().clone() for p in params])
-    groups = opt._ema_groups()
+    groups = opt._rt.layout.groups
     plan = groups[0].casts
     assert plan is not None and len(plan.large) == 3 and len(plan.batches) >= 2  # all paths are used
     for i, p in enumerate(params):

@@ -1,0 +1,278 @@
+"""How the EMA appears in a torch optimizer state dict, and the check of a whole dict before
+anything is loaded.
+
+Layout (the inner optimizer's own, plus):
+
+- ``state[i]["ema"]``, ``state[i]["ema_1"]``, ...: the shadows of param ``i``;
+- in each param group that has shadows (every group before the first step): the counters
+  ``ema_steps``, ``ema_updates``, ``ema_decay_prod`` (and ``ema_decay_prod_1``, ... for more
+  shadows), plain ints and floats. The live groups carry the same keys with ``None``
+  placeholders, so that loaders which rebuild groups from the live keys (DCP's flattened
+  layout) find them, and a compiled step never sees them change.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Hashable, Mapping
+from itertools import chain
+from typing import Any, NamedTuple, Optional, Sequence
+
+from torch import Tensor
+
+from . import _kernels, _shadows
+from ._plan import Counters
+
+STEPS, UPDATES, DECAY_PROD = "ema_steps", "ema_updates", "ema_decay_prod"
+# Keys a live group may have that a saved one may lack (torch's LR schedulers add initial_lr).
+OPTIONAL_GROUP_KEYS = frozenset({"initial_lr", "param_names", _shadows.ENABLE})
+
+
+def counter_keys(n: int) -> tuple[str, ...]:
+    return (STEPS, UPDATES, DECAY_PROD) + tuple(f"{DECAY_PROD}_{k}" for k in range(1, n))
+
+
+def is_counter_key(name: Any) -> bool:
+    return name in (STEPS, UPDATES, DECAY_PROD) or (
+        isinstance(name, str) and name.startswith(DECAY_PROD + "_") and name[len(DECAY_PROD) + 1 :].isdigit()
+    )
+
+
+def publish(param_groups: list[dict], state: Mapping, n: int) -> None:
+    """Name the counters (``None`` placeholders) in the live groups whose params have shadows,
+    in every group while none has any; a group added since the last step has none yet."""
+    has = [any(_shadows.key(0) in state.get(p, ()) for p in g["params"]) for g in param_groups]
+    for g, h in zip(param_groups, has):
+        for name in [k for k in g if is_counter_key(k)]:
+            del g[name]
+        if h or not any(has):
+            g.update(dict.fromkeys(counter_keys(n)))
+
+
+def to_saved(sd: dict, live_groups: list[dict], counters: Counters) -> dict:
+    """The inner optimizer's state dict with the real counters in place of the placeholders
+    and plain dicts for the per-param state (``torch.load(weights_only=True)`` reads it)."""
+    values = (counters.steps, counters.updates, *counters.decay_prods)
+    for saved, live in zip(sd["param_groups"], live_groups):
+        if STEPS in live:
+            saved.update(zip(counter_keys(len(counters.decay_prods)), values))
+    sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}
+    return sd
+
+
+class LoadPlan(NamedTuple):
+    inner: dict  # what the inner optimizer loads: the dict without the EMA keys
+    shadows: dict[Tensor, dict[str, Tensor]]  # per param: shadow key -> saved value
+    counters: Optional[Counters]  # None: the dict has no EMA (a plain inner-optimizer dict)
+
+
+def check(sd: Any, param_groups: list[dict], state: Mapping, n: int) -> LoadPlan:
+    """Validate a whole state dict for an optimizer with ``n`` shadows; changes nothing."""
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"state_dict must be a dict, got {type(sd).__name__}")
+    for name in ("state", "param_groups"):
+        if name not in sd:
+            raise ValueError(f"the state dict has no {name!r} key; pass the dict from opt.state_dict()")
+    saved_groups, saved_state = sd["param_groups"], sd["state"]
+    if not isinstance(saved_state, Mapping) or not isinstance(saved_groups, (list, tuple)):
+        raise ValueError("state_dict['state'] must be a dict and state_dict['param_groups'] a list")
+    _check_groups(saved_groups, param_groups)
+    id_map = _id_map(saved_groups, param_groups)
+    for k, entry in saved_state.items():
+        if k in id_map and not isinstance(entry, Mapping):
+            raise ValueError(f"state[{k!r}] must be a dict of the param's state, got {type(entry).__name__}")
+    per_group = [_group_counters(i, g, n) for i, g in enumerate(saved_groups)]
+    found = {c for c in per_group if c is not None}
+    if len(found) > 1:
+        raise ValueError(f"the param groups of the state dict disagree on the EMA counters: {found}")
+    counters = found.pop() if found else None
+    shadows = _shadows_of(saved_groups, saved_state, param_groups, id_map, per_group, n)
+    for k, entry in saved_state.items():
+        if k in id_map:
+            _check_inner_state(k, id_map[k], entry, state.get(id_map[k], {}))
+    return LoadPlan(_inner_part(sd), shadows, counters)
+
+
+def _check_groups(saved_groups: Sequence, param_groups: list[dict]) -> None:
+    if len(saved_groups) != len(param_groups):
+        raise ValueError(
+            f"the state dict has {len(saved_groups)} param groups, this optimizer has {len(param_groups)}"
+        )
+    for i, (saved, group) in enumerate(zip(saved_groups, param_groups)):
+        if not isinstance(saved, Mapping) or not isinstance(saved.get("params"), (list, tuple)):
+            raise ValueError(f"param group {i} of the state dict has no 'params' list")
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(
+                f"param group {i} of the state dict has {len(saved['params'])} params, "
+                f"this optimizer's has {len(group['params'])}"
+            )
+        if "lr" in group and "lr" not in saved:
+            raise ValueError(f"param group {i} of the state dict has no 'lr'")
+        if _shadows.ENABLE in saved:
+            _shadows.enabled(saved, i)
+
+
+def missing_group_keys(before: Sequence[dict], after: Sequence[dict]) -> Optional[str]:
+    """After the inner optimizer loaded (its ``__setstate__`` fills defaults): a group that
+    lacks keys the optimizer's groups had, described; None if every group has them."""
+    for i, (old, new) in enumerate(zip(before, after)):
+        lost = [k for k in old if k not in new and k not in OPTIONAL_GROUP_KEYS and not is_counter_key(k)]
+        if lost:
+            return f"param group {i} of the state dict lacks the keys {sorted(map(str, lost))}"
+    return None
+
+
+def _id_map(saved_groups: Sequence[Mapping], param_groups: list[dict]) -> dict[Any, Tensor]:
+    id_map: dict[Any, Tensor] = {}
+    saved_ids = chain.from_iterable(g["params"] for g in saved_groups)
+    for k, p in zip(saved_ids, chain.from_iterable(g["params"] for g in param_groups)):
+        if not isinstance(k, Hashable) or isinstance(k, Tensor):
+            raise ValueError(f"the state dict lists {type(k).__name__} {k!r} as a param id; ids are ints")
+        if id_map.setdefault(k, p) is not p:
+            raise ValueError(f"the state dict lists param id {k!r} for two different params")
+    return id_map
+
+
+def _group_counters(i: int, group: Mapping, n: int) -> Optional[Counters]:
+    present = [k for k in group if is_counter_key(k)]
+    if not present:
+        return None
+    wanted = counter_keys(n)
+    if set(present) != set(wanted):
+        has = sum(1 for k in present if k.startswith(DECAY_PROD))
+        if {STEPS, UPDATES, DECAY_PROD} <= set(present) and has != n:
+            raise ValueError(
+                f"param group {i} of the state dict has EMA counters for {has} shadows, this optimizer "
+                f"keeps {n} (decay has {n} entries): the state dict does not fit"
+            )
+        raise ValueError(f"param group {i} of the state dict has only some of the EMA counters {wanted}")
+    steps, updates, *prods = (group[k] for k in wanted)
+    for name, v in ((STEPS, steps), (UPDATES, updates)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} in the state dict must be an int >= 0, got {v!r}")
+    if updates > steps:
+        raise ValueError(f"{UPDATES}={updates} in the state dict exceeds {STEPS}={steps}: they do not fit")
+    for name, v in zip(wanted[2:], prods):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} in the state dict must be a float in [0, 1], got {v!r}")
+    return Counters(steps, updates, tuple(float(v) for v in prods))
+
+
+def _shadows_of(
+    saved_groups: Sequence[Mapping],
+    saved_state: Mapping,
+    param_groups: list[dict],
+    id_map: dict[Any, Tensor],
+    per_group: list[Optional[Counters]],
+    n: int,
+) -> dict[Tensor, dict[str, Tensor]]:
+    """The saved shadows by param, after checking that they fit."""
+    names = _shadows.keys(n)
+    found = []
+    for saved, group in zip(saved_groups, param_groups):
+        enabled = saved.get(_shadows.ENABLE, group.get(_shadows.ENABLE, True))
+        averaged = list(
+            {id(id_map[k]): k for k in saved["params"] if enabled and _shadows.is_float(id_map[k])}.values()
+        )
+        have = [k for k in averaged if any(_shadows.is_key(kk) for kk in saved_state.get(k, {}))]
+        found.append((averaged, have))
+    any_shadow = any(have for _, have in found)
+    counted = [c for c in per_group if c is not None]
+    if counted and counted[0].updates > 0 and not any_shadow and any(a for a, _ in found):
+        raise ValueError(
+            f"the state dict has EMA counters ({UPDATES}={counted[0].updates}) but no shadows: it does not "
+            "fit (a dict whose shadows were removed?); load a complete dict, or a plain inner-optimizer "
+            "dict without the EMA counters to restart the EMA"
+        )
+    shadows: dict[Tensor, dict[str, Tensor]] = {}
+    for i, ((averaged, have), own) in enumerate(zip(found, per_group)):
+        if have and own is None:
+            raise ValueError(
+                f"param group {i} of the state dict has 'ema' shadows but no EMA counters "
+                f"({', '.join(counter_keys(n))})"
+            )
+        # A group with counters had shadows when it was saved (unless none had any yet).
+        if len(have) != len(averaged) and (have or (own is not None and own.steps > 0 and any_shadow)):
+            missing = [k for k in averaged if k not in have]
+            raise ValueError(f"param group {i}: params {missing[:5]} have no 'ema' shadow but others do")
+        for k in have:
+            entry = saved_state[k]
+            found = sorted(kk for kk in entry if _shadows.is_key(kk))
+            if found != sorted(names):
+                raise ValueError(
+                    f"state[{k!r}] has the shadows {found}, this optimizer keeps {list(names)} "
+                    f"(decay has {n} entries): the state dict does not fit"
+                )
+            shadows[id_map[k]] = {name: _checked_shadow(k, name, id_map[k], entry[name]) for name in names}
+    return shadows
+
+
+def _checked_shadow(k: Any, name: str, p: Tensor, value: Any) -> Tensor:
+    where = f"state[{k!r}][{name!r}]"
+    if not isinstance(value, Tensor) or not _shadows.is_float(value) or value.is_complex() != p.is_complex():
+        kind = f"{value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(
+            f"{where} must be a {'complex' if p.is_complex() else 'real'} floating tensor like its param, got a {kind}"
+        )
+    if value.is_meta:
+        raise ValueError(f"{where} is a meta tensor: it holds no values")
+    if value.shape != p.shape:
+        raise ValueError(f"{where} has shape {tuple(value.shape)}, its param has {tuple(p.shape)}")
+    if (_kernels.local(value) is value) != (_kernels.local(p) is p):
+        raise ValueError(
+            f"{where} and its param must both be DTensors or both plain tensors; "
+            "for sharded models load through torch.distributed.checkpoint's set_optimizer_state_dict"
+        )
+    return value
+
+
+def _check_inner_state(k: Any, p: Tensor, saved: Mapping, current: Mapping) -> None:
+    """Inner keys must fit the param and what this optimizer already holds for it."""
+    current = {kk: v for kk, v in current.items() if not _shadows.is_key(kk)}
+    given = {kk: v for kk, v in saved.items() if not _shadows.is_key(kk)}
+    if current and given:
+        missing = current.keys() - given.keys()
+        if missing:
+            raise ValueError(f"state[{k!r}] lacks the keys {sorted(map(str, missing))} of this optimizer's state")
+    for kk, v in given.items():
+        cur = current.get(kk)
+        tensor_expected = isinstance(cur, Tensor) or kk in PARAM_SHAPED
+        if not isinstance(v, Tensor):
+            if tensor_expected and not (kk == "momentum_buffer" and v is None):
+                raise ValueError(f"state[{k!r}][{kk!r}] must be a tensor, got {type(v).__name__}")
+            continue
+        expected = cur.shape if isinstance(cur, Tensor) else p.shape if kk in PARAM_SHAPED else None
+        if expected is not None and v.shape != expected:
+            raise ValueError(f"state[{k!r}][{kk!r}] has shape {tuple(v.shape)}, expected {tuple(expected)}")
+
+
+def _inner_part(sd: Mapping) -> dict:
+    """The dict without the EMA keys; per-param entries left empty are dropped."""
+    state = {}
+    for k, v in sd["state"].items():
+        if isinstance(v, Mapping):
+            v = {kk: vv for kk, vv in v.items() if not _shadows.is_key(kk)}
+            if not v:
+                continue
+        state[k] = v
+    groups = [{k: v for k, v in g.items() if not is_counter_key(k)} for g in sd["param_groups"]]
+    return {**sd, "state": state, "param_groups": groups}
+
+
+# Stock torch.optim state entries that always have their param's shape.
+PARAM_SHAPED = frozenset(
+    {
+        "exp_avg",
+        "exp_avg_sq",
+        "max_exp_avg_sq",
+        "momentum_buffer",
+        "square_avg",
+        "acc_delta",
+        "sum",
+        "grad_avg",
+        "ax",
+        "prev",
+        "step_size",
+        "exp_inf",
+    }
+)
