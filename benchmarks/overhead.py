@@ -122,8 +122,11 @@ def run_host(device: torch.device, quick: bool = False, rounds: int = 11) -> dic
         ok = x <= FLAT
         verdicts[name] = {"x_time": x, "x_calls": calls, "flat": ok}
         print(
-            f"   {name:<13} host at {counts[-1]:,} / at {counts[0]:,}: {x:6.2f}x time, {calls:6.2f}x calls: "
-            + ("flat (within 2x)" if ok else "GROWS with the param count")
+            f"   {name:<13} host at {counts[-1]:,} / at {counts[0]:,}: {x:6.2f}x time ("
+            + ("within 2x" if ok else "NOT within 2x")
+            + f"), {calls:6.2f}x calls ("
+            + ("flat" if calls <= 1.05 else "GROW with the param count")
+            + ")"
         )
     return {"rows": rows, "verdicts": verdicts}
 
