@@ -85,7 +85,7 @@ def extras(folder: pathlib.Path) -> None:
     if res is None:
         return
     for name, v in res.get("host", {}).get("verdicts", {}).items():
-        print(f"host {name}: {v['x_time']:.2f}x time, {v['x_calls']:.2f}x calls from fewest to most params")
+        print(f"host {name}: {v['host_few'] * 1e6:.0f} -> {v['host_many'] * 1e6:.0f} us, calls x{v['x_calls']:.2f}, flat: {v['flat']}")
     for label, v in res.get("swa", {}).items():
         row = v["rows"][v["acceptance_row"]]
         print(f"swa {label}: {v['acceptance_row']} {row['x_swa']:.2f}x swa_utils")

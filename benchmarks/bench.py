@@ -50,7 +50,7 @@ import _peers  # noqa: E402
 from _peers import PEERS, REFERENCES, Case, Method, ParamList, build, ema_optim_step, peer_method  # noqa: E402
 from _peers import transformer_shapes  # noqa: E402
 from _report import Col, mb, ms, print_table, ratio  # noqa: E402
-from _timing import device_info, interleaved, median, paired, temp_bytes, tensor_bytes  # noqa: E402
+from _timing import device_info, interleaved, median, paired, temp_bytes, tensor_bytes, use_clock  # noqa: E402
 
 
 def n_of(n: int, numel: int) -> tuple[tuple[int, ...], ...]:
@@ -283,12 +283,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--no-train", action="store_true", help="skip the training-step overhead")
     parser.add_argument("--candidates", action="store_true", help="only the kernel fast-path candidates")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="wall time, or the process's CPU time")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
+    use_clock(args.clock, device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
     rounds = args.rounds or (3 if args.quick else 21 if device.type == "cuda" else 11)
@@ -297,8 +299,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if unknown:
         raise SystemExit(f"unknown suite(s) {unknown}; known: {', '.join(SUITES)}")
     _peers.quarantine_torchvision()
-    info = {**device_info(device), "notes": dict(_peers.IMPORT_NOTES)}
-    print(f"# {info['device']} ({device.type}, {info['threads']} threads), torch {info['torch']}, {info['date']}")
+    info = {**device_info(device), "clock": args.clock if device.type == "cpu" else "wall", "notes": dict(_peers.IMPORT_NOTES)}
+    print(f"# {info['device']} ({device.type}, {info['threads']} threads), torch {info['torch']}, {info['date']}, {info['clock']} clock")
     for note in info["notes"].values():
         print(f"# note: {note}")
     out: dict[str, Any] = {"info": info}

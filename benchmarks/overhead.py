@@ -78,7 +78,9 @@ def host_row(n: int, inner_name: str, device: torch.device, rounds: int) -> dict
         kernel()
 
     fns = {"wrapped": opt.step, "inner": inner.step, "kernel": kernel, "reference": reference}
-    s = interleaved(fns, device, rounds, min_block_s=0.05)
+    # Many short rounds (a block of about 5 ms each, 8 s a row): the per-round noise of the
+    # 10,000-param rows is ~1 ms, so their medians need the rounds.
+    s = interleaved(fns, device, rounds, min_block_s=0.005, budget_s=8.0)
     host = differences(s["wrapped"], s["reference"])
     low, high = quartiles(host)
     return {
@@ -110,21 +112,22 @@ HOST_COLS = [
 
 def run_host(device: torch.device, quick: bool = False, rounds: int = 11) -> dict:
     counts = QUICK_COUNTS if quick else COUNTS
-    rows = {f"{name} x {n:,}": host_row(n, name, device, max(rounds, 3 if quick else 15)) for name in INNERS for n in counts}
+    rounds = rounds if quick else max(rounds, 300)
+    rows = {f"{name} x {n:,}": host_row(n, name, device, rounds) for name in INNERS for n in counts}
     print_table(
         "host overhead: wrapped step - (inner step; the lerp kernel alone), small params", rows, HOST_COLS, label="inner x params"
     )
     verdicts = {}
     for name in INNERS:
         few, many = rows[f"{name} x {counts[0]:,}"], rows[f"{name} x {counts[-1]:,}"]
-        x = many["host"] / few["host"] if few["host"] > 0 else float("inf")
+        ok = few["host"] > 0 and many["host"] <= FLAT * few["host"]
         calls = many["calls"] / max(few["calls"], 1)
-        ok = x <= FLAT
-        verdicts[name] = {"x_time": x, "x_calls": calls, "flat": ok}
+        verdicts[name] = {"host_few": few["host"], "host_many": many["host"], "x_calls": calls, "flat": ok}
         print(
-            f"   {name:<13} host at {counts[-1]:,} / at {counts[0]:,}: {x:6.2f}x time ("
+            f"   {name:<13} host {few['host'] * 1e6:.0f} us at {counts[0]:,}, {many['host'] * 1e6:.0f} us "
+            f"(q25..q75 {many['host_q25'] * 1e6:.0f}..{many['host_q75'] * 1e6:.0f}) at {counts[-1]:,}: "
             + ("within 2x" if ok else "NOT within 2x")
-            + f"), {calls:6.2f}x calls ("
+            + f"; calls x{calls:.2f} ("
             + ("flat" if calls <= 1.05 else "GROW with the param count")
             + ")"
         )
