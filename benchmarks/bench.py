@@ -24,7 +24,9 @@ Suites:
   (``overhead.py``).
 - ``shadows``: the update with 1, 2 and 3 shadows (``shadows.py``).
 
-Timing: ``_timing.py`` (interleaved rounds, shuffled order, medians). The peers go in the
+Timing: ``_timing.py`` (interleaved rounds, shuffled order, medians). On a loaded machine,
+``--clock cpu`` times the process's CPU time instead of the wall clock (what was spent, not
+what was waited), and ``--threads 1`` keeps OpenMP spin-waits out of it. The peers go in the
 ``bench`` extra: ``pip install -e ".[bench]" torch==<your torch>``. A peer that does not
 install or import is reported as ``skipped: <reason>``.
 """

@@ -9,7 +9,7 @@
 #   bench     bench.py --device cuda --suites updates    (1B fp32 in 200 tensors, 10,000 x 4096,
 #             500M bf16 with fp32 shadows; peers installed there; copy ceiling in the same run)
 #   offload   offload.py (268M-param bf16 step), update_every 1 and 10
-#   extras    bench.py --device cuda --suites host swa shadows
+#   extras    bench.py --device cuda --suites swa shadows host (host last: the slowest)
 #   suite     the whole test suite, with whatever time is left (suite.log, suite.xml)
 # then summary.txt (also printed): every part's exit status and time, and the headline numbers.
 #
@@ -73,7 +73,7 @@ part cuda-tests 100 "$PY" -m pytest -q -m cuda -rs --junitxml="$OUT_DIR/cuda-tes
 part bench 150 "$PY" benchmarks/bench.py "${DEVICE[@]}" --suites updates --json "$OUT_DIR/bench.json"
 part offload 60 "$PY" benchmarks/offload.py "${OFFLOAD[@]}" --rounds 7 --block 5 --json "$OUT_DIR/offload.json"
 part offload10 60 "$PY" benchmarks/offload.py "${OFFLOAD[@]}" --every 10 --rounds 5 --block 20 --json "$OUT_DIR/offload-every10.json"
-part extras 60 "$PY" benchmarks/bench.py "${DEVICE[@]}" --suites host swa shadows --json "$OUT_DIR/extras.json"
+part extras 75 "$PY" benchmarks/bench.py "${DEVICE[@]}" --suites swa shadows host --json "$OUT_DIR/extras.json"
 TIMEOUT_ARG=()
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then TIMEOUT_ARG=(--timeout=60); fi
 if [[ ${GPU_CHECK_SMOKE:-0} == 1 ]]; then
