@@ -14,6 +14,7 @@ Layout (the inner optimizer's own, plus):
 from __future__ import annotations
 
 import numbers
+import reprlib
 from collections.abc import Hashable, Mapping
 from itertools import chain
 from typing import Any, NamedTuple, Optional, Sequence
@@ -152,6 +153,29 @@ def _check_groups(saved_groups: Sequence, param_groups: list[dict]) -> None:
             raise ValueError(f"param group {i} of the state dict has no 'lr'")
         if _shadows.ENABLE in saved:
             _shadows.enabled(saved, i)
+        for key, live in group.items():
+            if key in saved and not is_counter_key(key) and not _same_kind(live, saved[key]):
+                raise ValueError(
+                    f"param group {i} of the state dict has {key!r}: {reprlib.repr(saved[key])}, this "
+                    f"optimizer's has {reprlib.repr(live)}; pass a state dict saved by this kind of optimizer"
+                )
+
+
+def _same_kind(live: Any, saved: Any) -> bool:
+    """A hyperparameter the inner step computes with (a number such as ``lr``, or a tuple of
+    numbers such as ``betas``) must still be one; other values (flags, None) are not checked."""
+    if _is_number(live):
+        return _is_number(saved)
+    if isinstance(live, (tuple, list)) and live and all(_is_number(v) for v in live):
+        return isinstance(saved, (tuple, list)) and len(saved) == len(live) and all(map(_is_number, saved))
+    return True
+
+
+def _is_number(v: Any) -> bool:
+    """A real number, or a one-element real tensor (torch accepts ``lr=torch.tensor(0.01)``)."""
+    if isinstance(v, Tensor):
+        return v.numel() == 1 and not v.is_complex()
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def missing_group_keys(before: Sequence[dict], after: Sequence[dict]) -> Optional[str]:
@@ -197,6 +221,8 @@ def _group_counters(i: int, group: Mapping, n: int) -> Optional[Counters]:
     for name, v in zip(wanted[2:], prods):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} in the state dict must be a float in [0, 1], got {v!r}")
+        if updates == 0 and v != 1.0:  # the product of no decays
+            raise ValueError(f"{name}={v!r} in the state dict but {UPDATES}=0: with no update it must be 1.0")
     return Counters(steps, updates, tuple(float(v) for v in prods))
 
 
@@ -278,6 +304,8 @@ def _check_inner_state(k: Any, p: Tensor, saved: Mapping, current: Mapping) -> N
             raise ValueError(f"state[{k!r}] lacks the keys {sorted(map(str, missing))} of this optimizer's state")
     for kk, v in given.items():
         cur = current.get(kk)
+        if kk in SCALARS and not _is_number(v):
+            raise ValueError(f"state[{k!r}][{kk!r}] must be a number or a one-element tensor, got {type(v).__name__}")
         tensor_expected = isinstance(cur, Tensor) or kk in PARAM_SHAPED
         if not isinstance(v, Tensor):
             if tensor_expected and not (kk == "momentum_buffer" and v is None):
@@ -300,6 +328,9 @@ def _inner_part(sd: Mapping) -> dict:
     groups = [{k: v for k, v in g.items() if not is_counter_key(k)} for g in sd["param_groups"]]
     return {**sd, "state": state, "param_groups": groups}
 
+
+# Stock torch.optim state entries that are one number (a float, or a 0-dim tensor).
+SCALARS = frozenset({"step", "eta", "mu"})
 
 # Stock torch.optim state entries that always have their param's shape.
 PARAM_SHAPED = frozenset(
