@@ -248,9 +248,23 @@ class EMAOptimizer(Optimizer):
             What the inner step returns (the closure's loss, if a closure was given).
 
         Raises:
-            RuntimeError: inside ``swap_ema_weights()`` (nothing is changed).
-            ValueError: the decay schedule returned a value outside [0, 1], or a param group's
-                ``"ema"`` flag is not a bool (nothing is changed).
+            RuntimeError: inside ``swap_ema_weights()`` (nothing is changed); or one param was
+                given a new shape or dtype since the last step (see the note).
+            ValueError: the decay schedule returned a value outside [0, 1], a param group's
+                ``"ema"`` flag is not a bool, or a shadow no longer fits its param's shape
+                (nothing is changed).
+
+        Note:
+            A model converted as a whole between steps (``model.half()``, ``model.double()``,
+            ``model.to(memory_format=torch.channels_last)``) is followed: the shadows keep their
+            dtype and take the new weights. A change to one param only (``p.data = ...`` with
+            a new shape or dtype) is not looked for at every step, which would cost host work
+            per param: its EMA update then fails after the inner step ran (the weights moved,
+            and shadows before it in its (device, dtype) group may have taken this update; the
+            counters did not advance) with a ``RuntimeError``. The next step adapts to a new
+            dtype; for a new shape it raises ``ValueError`` before changing anything, until
+            the stale shadow is dropped (``opt.state[p].pop("ema")``), which restarts that
+            param's EMA from its current weights.
         """
         action = self._begin_step()
         found_inf = getattr(self, "found_inf", None)
