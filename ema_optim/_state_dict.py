@@ -203,7 +203,8 @@ def _id_map(saved_groups: Sequence[Mapping], param_groups: list[dict]) -> dict[A
         for j, (k, p) in enumerate(zip(saved["params"], group["params"])):
             where = f"param group {i} of the state dict lists"
             if not isinstance(k, Hashable) or isinstance(k, Tensor):
-                raise ValueError(f"{where} {type(k).__name__} {k!r} as a param id (params[{j}]); ids are ints")
+                kind = type(k).__name__
+                raise ValueError(f"{where} {kind} {k!r} as a param id (params[{j}]); ids are ints")
             if id_map.setdefault(k, p) is not p:
                 raise ValueError(f"{where} param id {k!r} (params[{j}]) that names another param too")
     return id_map
@@ -316,7 +317,8 @@ def _check_inner_state(k: Any, p: Tensor, saved: Mapping, current: Mapping) -> N
     for kk, v in given.items():
         cur = current.get(kk)
         if kk in SCALARS and not _is_number(v):
-            raise ValueError(f"state[{k!r}][{kk!r}] must be a number or a one-element tensor, got {type(v).__name__}")
+            kind = type(v).__name__
+            raise ValueError(f"state[{k!r}][{kk!r}] must be a number or a one-element tensor, got {kind}")
         tensor_expected = isinstance(cur, Tensor) or kk in PARAM_SHAPED
         if not isinstance(v, Tensor):
             if tensor_expected and not (kk == "momentum_buffer" and v is None):

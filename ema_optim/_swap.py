@@ -138,7 +138,11 @@ def _finest_step(hf: Tensor) -> Tensor:
     return ((exponent - 24).clamp(min=1) << 23).view(torch.float32)
 
 
-SWAP_KERNELS = {"exchange": (exchange_, exchange_), "pack": (pack_, unpack_edited_), "pack16": (pack16_, unpack16_)}
+SWAP_KERNELS = {
+    "exchange": (exchange_, exchange_),
+    "pack": (pack_, unpack_edited_),
+    "pack16": (pack16_, unpack16_),
+}
 
 
 def packable(pairs: Sequence[tuple[Tensor, str]]) -> list[bool]:

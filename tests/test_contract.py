@@ -42,7 +42,10 @@ each_inner = pytest.mark.parametrize("name", list(INNERS))
 def build(name, wrapped=True, seed=0):
     """Two params (a matrix and a vector), the named inner optimizer, wrapped or not."""
     g = torch.Generator().manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(3, 2, generator=g)), torch.nn.Parameter(torch.randn(3, generator=g))]
+    params = [
+        torch.nn.Parameter(torch.randn(3, 2, generator=g)),
+        torch.nn.Parameter(torch.randn(3, generator=g)),
+    ]
     inner = INNERS[name](params)
     return params, (EMAOptimizer(inner, decay=0.7) if wrapped else inner)
 
@@ -85,7 +88,10 @@ def record_hooks(opt, calls):
 
         return record
 
-    handles = [register_optimizer_step_pre_hook(hook("global_pre")), register_optimizer_step_post_hook(hook("global_post"))]
+    handles = [
+        register_optimizer_step_pre_hook(hook("global_pre")),
+        register_optimizer_step_post_hook(hook("global_post")),
+    ]
     for who, target in (("wrapper", opt), ("inner", inner_of(opt))):
         if who == "wrapper" and target is inner_of(opt):
             continue  # a plain optimizer: only its own instance hooks
@@ -153,7 +159,9 @@ def test_a_step_pre_hook_that_returns_a_bad_value_is_refused_like_torch(name):
         run_steps(params, opt, 1)
         before = freeze([list(params), opt.state_dict()])
         inner_of(opt).register_step_pre_hook(lambda o, args, kwargs: 5)
-        with pytest.raises(RuntimeError, match=r"must return None or a tuple of \(new_args, new_kwargs\), but got 5"):
+        with pytest.raises(
+            RuntimeError, match=r"must return None or a tuple of \(new_args, new_kwargs\), but got 5"
+        ):
             opt.step(closure_for(params, opt))
         assert freeze([list(params), opt.state_dict()]) == before
 
@@ -262,7 +270,14 @@ def test_deepcopy_is_an_independent_optimizer_with_the_same_state(name):
     run_steps(params, opt, 2)
     for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
         assert freeze(clone.state_dict()) == freeze(opt.state_dict())
-        for attr in ("decay", "update_after_step", "update_every", "bias_correction", "ema_dtype", "ema_device"):
+        for attr in (
+            "decay",
+            "update_after_step",
+            "update_every",
+            "bias_correction",
+            "ema_dtype",
+            "ema_device",
+        ):
             assert getattr(clone, attr) == getattr(opt, attr)
         # torch's __setstate__ adds "differentiable" to optimizers that lack it (LBFGS)
         assert clone.defaults is clone.optimizer.defaults
@@ -329,4 +344,6 @@ def test_zero_grad_like_torch(name):
         for p in params:
             p.grad = torch.ones_like(p)
         opt.zero_grad(set_to_none=set_to_none)
-        assert all((p.grad is None) if set_to_none else torch.equal(p.grad, torch.zeros_like(p)) for p in params)
+        assert all(
+            (p.grad is None) if set_to_none else torch.equal(p.grad, torch.zeros_like(p)) for p in params
+        )

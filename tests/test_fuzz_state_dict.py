@@ -49,7 +49,9 @@ def build(seed):
 
 def wrapped(seed):
     params, inner = build(seed)
-    return params, EMAOptimizer(inner, decay=DECAYS, update_after_step=AFTER, update_every=EVERY, bias_correction=True)
+    return params, EMAOptimizer(
+        inner, decay=DECAYS, update_after_step=AFTER, update_every=EVERY, bias_correction=True
+    )
 
 
 def step(params, opt, n):
@@ -138,7 +140,9 @@ def mutate(sd, mutations):
                 parent = None
                 break
         key = path[-1]
-        if isinstance(parent, dict) or (isinstance(parent, list) and isinstance(key, int) and key < len(parent)):
+        if isinstance(parent, dict) or (
+            isinstance(parent, list) and isinstance(key, int) and key < len(parent)
+        ):
             if action == "delete":
                 if isinstance(parent, dict) and key in parent:
                     del parent[key]
@@ -172,7 +176,9 @@ def names_a_mutation(message, done):
 @example(mutations=[(("state", 0), "int5")])
 @example(mutations=[(("state", 1), "string")])
 @example(mutations=[(("param_groups", 1, "params", 0), "list0")])
-@example(mutations=[(("param_groups", 0, "ema_updates"), "int5"), (("param_groups", 1, "ema_updates"), "int5")])
+@example(
+    mutations=[(("param_groups", 0, "ema_updates"), "int5"), (("param_groups", 1, "ema_updates"), "int5")]
+)
 @example(mutations=[(("state", 0, "ema"), "zeros_like"), (("param_groups", 1, "lr"), "half")])
 @example(mutations=[(("state", "extra"), "int5"), (("state", 99), "empty_dict")])
 # Found by hypothesis; each failed before the load check named in its comment.
@@ -182,7 +188,9 @@ def names_a_mutation(message, done):
 @example(mutations=[(("param_groups", 0, "amsgrad"), "double")])  # same (KeyError 'max_exp_avg_sq')
 @example(mutations=[(("param_groups", 1, "amsgrad"), "true")])  # amsgrad needs max_exp_avg_sq (KeyError)
 @example(mutations=[(("state", 0, "exp_avg"), "meta")])  # meta state tensors (NotImplementedError in load)
-@example(mutations=[(("param_groups", 1, "foreach"), "vector2")])  # options torch chooses (RuntimeError at step)
+@example(
+    mutations=[(("param_groups", 1, "foreach"), "vector2")]
+)  # options torch chooses (RuntimeError at step)
 # Found too; these held already (the test's notion of "names the problem" needed widening):
 @example(mutations=[(("param_groups", 0, "capturable"), "double")])  # now refused as a non-bool flag
 @example(mutations=[(("param_groups", 1, "capturable"), "true")])  # torch's own step refuses it, and ours
@@ -269,7 +277,11 @@ def _saved_ema(sd, weights):
     if "ema" not in sd["state"].get(0, {}):  # a dict without shadows: the EMA restarts
         return None, (0, 0, [1.0, 1.0])
     shadows = [[sd["state"][i][k].float().double() for k in SHADOW_KEYS] for i in range(len(weights))]
-    return shadows, (group["ema_steps"], group["ema_updates"], [group["ema_decay_prod"], group["ema_decay_prod_1"]])
+    return shadows, (
+        group["ema_steps"],
+        group["ema_updates"],
+        [group["ema_decay_prod"], group["ema_decay_prod_1"]],
+    )
 
 
 def _reference_update(shadows, counters, w):

@@ -37,7 +37,9 @@ FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
 def make(dtype=FP32, inner="sgd", seed=0, groups=1, **kwargs):
     """A small conv + linear model (a 4-d weight for channels_last) and its wrapped optimizer."""
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 5), nn.Tanh(), nn.Linear(5, 2)).to(dtype)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 5), nn.Tanh(), nn.Linear(5, 2)).to(
+        dtype
+    )
     params = list(model.parameters())
     split = [{"params": params[:4]}, {"params": params[4:], "lr": 0.02}] if groups == 2 else params
     inners = {
@@ -166,11 +168,21 @@ SWAP_TRANSFORMS = [
     ("double", lambda m: m.double(), ALL, RESTORED),
     ("half", lambda m: m.half(), (FP32, BF16), RESTORED),
     ("double_by_swap_tensors", _float_by_swap_tensors, ALL, RESTORED),
-    ("float_then_channels_last", lambda m: m.float().to(memory_format=torch.channels_last), (BF16,), RESTORED),
+    (
+        "float_then_channels_last",
+        lambda m: m.float().to(memory_format=torch.channels_last),
+        (BF16,),
+        RESTORED,
+    ),
     ("p.data=clone", _each(lambda p: setattr(p, "data", p.data.clone())), ALL, RESTORED),
     ("p.data=new_shape", _each(lambda p: setattr(p, "data", torch.zeros(7, dtype=p.dtype))), ALL, RESTORED),
     ("p.set_", _each(lambda p: p.set_(p.detach().clone())), ALL, RESTORED),
-    ("vector_to_parameters", lambda m: vector_to_parameters(2 * parameters_to_vector(m.parameters()), m.parameters()), ALL, RESTORED),
+    (
+        "vector_to_parameters",
+        lambda m: vector_to_parameters(2 * parameters_to_vector(m.parameters()), m.parameters()),
+        ALL,
+        RESTORED,
+    ),
     ("float_then_raise", _raise_after_float, (BF16, FP16), RESTORED),
     ("zero_", _each(lambda p: p.zero_()), ALL, EDITED),
     ("mul_", _each(lambda p: p.mul_(-0.5)), ALL, EDITED),
@@ -221,7 +233,9 @@ def _assert_edits_reached_the_ema(opt, params, edited):
             continue
         # packed bf16/fp16 pairs: within half a step of the param dtype (or a subnormal of it)
         finfo = torch.finfo(p.dtype)
-        assert torch.all((got - want).abs() <= want.abs() * finfo.eps / 2 + finfo.tiny), (got - want).abs().max()
+        assert torch.all((got - want).abs() <= want.abs() * finfo.eps / 2 + finfo.tiny), (
+            (got - want).abs().max()
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,7 +290,9 @@ def test_param_changes_between_steps(change, outcome):
         assert opt.state_dict()["param_groups"][0]["ema_steps"] == steps  # counters did not advance
     if outcome == REFUSED:
         before = snapshot(opt, params)
-        with pytest.raises(ValueError, match=r"a param of shape \(7,\) has a shadow state\[p\]\['ema'\] of shape \(2,\)"):
+        with pytest.raises(
+            ValueError, match=r"a param of shape \(7,\) has a shadow state\[p\]\['ema'\] of shape \(2,\)"
+        ):
             _step(model, opt)
         assert snapshot(opt, params) == before  # refused before the inner step: no training
         opt.state[params[-1]].pop("ema")  # what the message says to do
@@ -317,7 +333,11 @@ def _inner_lr(opt, twin, extra):
     twin.param_groups[0]["lr"] = 0.2
 
 
-INNER_CALLS = [("inner.load_state_dict", _inner_reload), ("inner.add_param_group", _inner_add_group), ("inner_lr", _inner_lr)]
+INNER_CALLS = [
+    ("inner.load_state_dict", _inner_reload),
+    ("inner.add_param_group", _inner_add_group),
+    ("inner_lr", _inner_lr),
+]
 
 
 @pytest.mark.parametrize("call", [c[1] for c in INNER_CALLS], ids=[c[0] for c in INNER_CALLS])
@@ -381,55 +401,296 @@ def _both_groups(key, value):
 
 HOSTILE = [
     # (name, into, mutation, error, message regex)
-    ("group_missing_betas", "adam", _pop("param_groups", 0, "betas"), ValueError, r"param group 0 of the state dict lacks the keys \['betas'\]"),
-    ("adam_dict_into_fresh_rmsprop", "fresh_rmsprop", None, ValueError, r"param group 0 of the state dict lacks the keys \['alpha'\]"),
+    (
+        "group_missing_betas",
+        "adam",
+        _pop("param_groups", 0, "betas"),
+        ValueError,
+        r"param group 0 of the state dict lacks the keys \['betas'\]",
+    ),
+    (
+        "adam_dict_into_fresh_rmsprop",
+        "fresh_rmsprop",
+        None,
+        ValueError,
+        r"param group 0 of the state dict lacks the keys \['alpha'\]",
+    ),
     ("adam_dict_into_rmsprop", "rmsprop", None, ValueError, r"state\[0\] lacks the keys \['square_avg'\]"),
-    ("exp_avg_none", "adam", _set(("state", 0, "exp_avg"), None), ValueError, r"state\[0\]\['exp_avg'\] must be a tensor, got NoneType"),
-    ("exp_avg_none_fresh", "fresh_adam", _set(("state", 1, "exp_avg"), None), ValueError, r"state\[1\]\['exp_avg'\] must be a tensor"),
-    ("exp_avg_wrong_shape", "adam", _set(("state", 2, "exp_avg"), torch.zeros(4)), ValueError, r"state\[2\]\['exp_avg'\] has shape \(4,\), expected \(5, 12\)"),
-    ("step_a_string", "fresh_adam", _set(("state", 0, "step"), "x"), ValueError, r"state\[0\]\['step'\] must be a number or a one-element tensor, got str"),
-    ("state_entry_int", "adam", _set(("state", 0), 5), ValueError, r"state\[0\] must be a dict of the param's state, got int"),
-    ("state_entry_string", "adam", _set(("state", 0), "abc"), ValueError, r"state\[0\] must be a dict of the param's state, got str"),
+    (
+        "exp_avg_none",
+        "adam",
+        _set(("state", 0, "exp_avg"), None),
+        ValueError,
+        r"state\[0\]\['exp_avg'\] must be a tensor, got NoneType",
+    ),
+    (
+        "exp_avg_none_fresh",
+        "fresh_adam",
+        _set(("state", 1, "exp_avg"), None),
+        ValueError,
+        r"state\[1\]\['exp_avg'\] must be a tensor",
+    ),
+    (
+        "exp_avg_wrong_shape",
+        "adam",
+        _set(("state", 2, "exp_avg"), torch.zeros(4)),
+        ValueError,
+        r"state\[2\]\['exp_avg'\] has shape \(4,\), expected \(5, 12\)",
+    ),
+    (
+        "step_a_string",
+        "fresh_adam",
+        _set(("state", 0, "step"), "x"),
+        ValueError,
+        r"state\[0\]\['step'\] must be a number or a one-element tensor, got str",
+    ),
+    (
+        "state_entry_int",
+        "adam",
+        _set(("state", 0), 5),
+        ValueError,
+        r"state\[0\] must be a dict of the param's state, got int",
+    ),
+    (
+        "state_entry_string",
+        "adam",
+        _set(("state", 0), "abc"),
+        ValueError,
+        r"state\[0\] must be a dict of the param's state, got str",
+    ),
     ("state_a_string", "adam", _set(("state",), "abc"), ValueError, r"state_dict\['state'\] must be a dict"),
-    ("group_a_string", "adam", _set(("param_groups", 1), "abc"), ValueError, r"param group 1 of the state dict has no 'params' list"),
-    ("param_groups_a_dict", "adam", _set(("param_groups",), {}), ValueError, r"state_dict\['param_groups'\] a list"),
+    (
+        "group_a_string",
+        "adam",
+        _set(("param_groups", 1), "abc"),
+        ValueError,
+        r"param group 1 of the state dict has no 'params' list",
+    ),
+    (
+        "param_groups_a_dict",
+        "adam",
+        _set(("param_groups",), {}),
+        ValueError,
+        r"state_dict\['param_groups'\] a list",
+    ),
     ("whole_dict_a_string", "adam", lambda sd: "abc", TypeError, r"state_dict must be a dict, got str"),
-    ("list_as_param_id", "adam", _set(("param_groups", 0, "params", 0), [0]), ValueError, r"lists list \[0\] as a param id"),
-    ("tensor_as_param_id", "adam", _set(("param_groups", 0, "params", 0), torch.tensor(0)), ValueError, r"as a param id"),
-    ("param_id_twice", "adam", _set(("param_groups", 1, "params", 0), 0), ValueError, r"param group 1 of the state dict lists param id 0 \(params\[0\]\) that names another param too"),
-    ("lr_a_string", "adam", _set(("param_groups", 0, "lr"), "fast"), ValueError, r"param group 0 of the state dict has 'lr': 'fast'"),
-    ("betas_an_int", "adam", _set(("param_groups", 1, "betas"), 5), ValueError, r"param group 1 of the state dict has 'betas': 5"),
+    (
+        "list_as_param_id",
+        "adam",
+        _set(("param_groups", 0, "params", 0), [0]),
+        ValueError,
+        r"lists list \[0\] as a param id",
+    ),
+    (
+        "tensor_as_param_id",
+        "adam",
+        _set(("param_groups", 0, "params", 0), torch.tensor(0)),
+        ValueError,
+        r"as a param id",
+    ),
+    (
+        "param_id_twice",
+        "adam",
+        _set(("param_groups", 1, "params", 0), 0),
+        ValueError,
+        r"param group 1 of the state dict lists param id 0 \(params\[0\]\) that names another param too",
+    ),
+    (
+        "lr_a_string",
+        "adam",
+        _set(("param_groups", 0, "lr"), "fast"),
+        ValueError,
+        r"param group 0 of the state dict has 'lr': 'fast'",
+    ),
+    (
+        "betas_an_int",
+        "adam",
+        _set(("param_groups", 1, "betas"), 5),
+        ValueError,
+        r"param group 1 of the state dict has 'betas': 5",
+    ),
     ("betas_too_short", "adam", _set(("param_groups", 0, "betas"), (0.9,)), ValueError, r"'betas': \(0.9,\)"),
-    ("flag_a_number", "adam", _set(("param_groups", 0, "amsgrad"), 1.0), ValueError, r"param group 0 of the state dict has 'amsgrad': 1.0"),
-    ("flag_a_tensor", "adam", _set(("param_groups", 1, "maximize"), torch.zeros(2)), ValueError, r"param group 1 of the state dict has 'maximize': tensor"),
-    ("amsgrad_without_its_state", "adam", _set(("param_groups", 0, "amsgrad"), True), ValueError, r"state\[0\] lacks 'max_exp_avg_sq', which param group 0's 'amsgrad': True needs"),
-    ("lr_missing", "adam", _pop("param_groups", 0, "lr"), ValueError, r"param group 0 of the state dict has no 'lr'"),
-    ("ema_flag_a_string", "adam", _set(("param_groups", 0, "ema"), "no"), ValueError, r"param group 0 has 'ema': 'no'"),
-    ("one_group_too_many", "adam", lambda sd: sd["param_groups"].append({"params": [], "lr": 0.1}), ValueError, r"has 3 param groups, this optimizer has 2"),
-    ("one_param_too_few", "adam", _set(("param_groups", 1, "params"), lambda ids: ids[:-1]), ValueError, r"param group 1 of the state dict has 1 params"),
+    (
+        "flag_a_number",
+        "adam",
+        _set(("param_groups", 0, "amsgrad"), 1.0),
+        ValueError,
+        r"param group 0 of the state dict has 'amsgrad': 1.0",
+    ),
+    (
+        "flag_a_tensor",
+        "adam",
+        _set(("param_groups", 1, "maximize"), torch.zeros(2)),
+        ValueError,
+        r"param group 1 of the state dict has 'maximize': tensor",
+    ),
+    (
+        "amsgrad_without_its_state",
+        "adam",
+        _set(("param_groups", 0, "amsgrad"), True),
+        ValueError,
+        r"state\[0\] lacks 'max_exp_avg_sq', which param group 0's 'amsgrad': True needs",
+    ),
+    (
+        "lr_missing",
+        "adam",
+        _pop("param_groups", 0, "lr"),
+        ValueError,
+        r"param group 0 of the state dict has no 'lr'",
+    ),
+    (
+        "ema_flag_a_string",
+        "adam",
+        _set(("param_groups", 0, "ema"), "no"),
+        ValueError,
+        r"param group 0 has 'ema': 'no'",
+    ),
+    (
+        "one_group_too_many",
+        "adam",
+        lambda sd: sd["param_groups"].append({"params": [], "lr": 0.1}),
+        ValueError,
+        r"has 3 param groups, this optimizer has 2",
+    ),
+    (
+        "one_param_too_few",
+        "adam",
+        _set(("param_groups", 1, "params"), lambda ids: ids[:-1]),
+        ValueError,
+        r"param group 1 of the state dict has 1 params",
+    ),
     ("no_state", "adam", _pop("state"), ValueError, r"no 'state' key"),
-    ("updates_exceed_steps", "adam", _both_groups("ema_updates", 99), ValueError, r"param group 0 of the state dict has ema_updates=99 > ema_steps=2"),
-    ("steps_negative", "adam", _both_groups("ema_steps", -1), ValueError, r"param group 0 of the state dict has ema_steps=-1; it must be an int >= 0"),
-    ("steps_a_float", "adam", _both_groups("ema_steps", 2.0), ValueError, r"ema_steps=2.0; it must be an int >= 0"),
-    ("updates_a_bool", "adam", _both_groups("ema_updates", True), ValueError, r"ema_updates=True; it must be an int"),
-    ("decay_prod_above_one", "adam", _both_groups("ema_decay_prod", 1.5), ValueError, r"ema_decay_prod=1.5; it must be a float in \[0, 1\]"),
-    ("decay_prod_nan", "adam", _both_groups("ema_decay_prod", math.nan), ValueError, r"ema_decay_prod=nan; it must be a float"),
-    ("decay_prod_without_updates", "adam", _both_groups("ema_updates", 0), ValueError, r"param group 0 of the state dict has ema_decay_prod=0.64\d* but ema_updates=0: with no update it must be 1.0"),
-    ("groups_disagree_on_counters", "adam", _set(("param_groups", 1, "ema_steps"), 3), ValueError, r"param groups 0 and 1 of the state dict disagree on the EMA counters: \(ema_steps=2, .*\) and \(ema_steps=3, "),
-    ("some_counters_only", "adam", _pop("param_groups", 0, "ema_decay_prod"), ValueError, r"param group 0 .* only some of the EMA counters"),
-    ("counters_without_shadows", "adam", _every("state", lambda s: s.pop("ema")), ValueError, r"EMA counters \(ema_updates=2\) but no shadows"),
-    ("shadows_without_counters", "adam", _every("param_groups", lambda g: [g.pop(k) for k in ("ema_steps", "ema_updates", "ema_decay_prod")]), ValueError, r"param group 0 .* 'ema' shadows but no EMA counters"),
-    ("one_shadow_missing", "adam", _pop("state", 1, "ema"), ValueError, r"param group 0: params \[1\] have no 'ema' shadow but others do"),
-    ("shadow_wrong_shape", "adam", _set(("state", 0, "ema"), torch.zeros(2)), ValueError, r"state\[0\]\['ema'\] has shape \(2,\), its param has \(3, 2, 3, 3\)"),
-    ("shadow_int_tensor", "adam", _set(("state", 3, "ema"), lambda t: t.long()), ValueError, r"state\[3\]\['ema'\] must be a real floating tensor .* got a torch.int64 tensor"),
-    ("shadow_none", "adam", _set(("state", 0, "ema"), None), ValueError, r"state\[0\]\['ema'\] .* got a NoneType"),
-    ("shadow_meta", "adam", _set(("state", 0, "ema"), lambda t: t.to("meta")), ValueError, r"state\[0\]\['ema'\] is a meta tensor"),
-    ("second_shadow_for_one", "adam", _set(("state", 0, "ema_1"), torch.zeros(3, 2, 3, 3)), ValueError, r"state\[0\] has the shadows \['ema', 'ema_1'\], this optimizer keeps \['ema'\]"),
+    (
+        "updates_exceed_steps",
+        "adam",
+        _both_groups("ema_updates", 99),
+        ValueError,
+        r"param group 0 of the state dict has ema_updates=99 > ema_steps=2",
+    ),
+    (
+        "steps_negative",
+        "adam",
+        _both_groups("ema_steps", -1),
+        ValueError,
+        r"param group 0 of the state dict has ema_steps=-1; it must be an int >= 0",
+    ),
+    (
+        "steps_a_float",
+        "adam",
+        _both_groups("ema_steps", 2.0),
+        ValueError,
+        r"ema_steps=2.0; it must be an int >= 0",
+    ),
+    (
+        "updates_a_bool",
+        "adam",
+        _both_groups("ema_updates", True),
+        ValueError,
+        r"ema_updates=True; it must be an int",
+    ),
+    (
+        "decay_prod_above_one",
+        "adam",
+        _both_groups("ema_decay_prod", 1.5),
+        ValueError,
+        r"ema_decay_prod=1.5; it must be a float in \[0, 1\]",
+    ),
+    (
+        "decay_prod_nan",
+        "adam",
+        _both_groups("ema_decay_prod", math.nan),
+        ValueError,
+        r"ema_decay_prod=nan; it must be a float",
+    ),
+    (
+        "decay_prod_without_updates",
+        "adam",
+        _both_groups("ema_updates", 0),
+        ValueError,
+        r"param group 0 of the state dict has ema_decay_prod=0.64\d* but ema_updates=0: "
+        r"with no update it must be 1.0",
+    ),
+    (
+        "groups_disagree_on_counters",
+        "adam",
+        _set(("param_groups", 1, "ema_steps"), 3),
+        ValueError,
+        r"param groups 0 and 1 of the state dict disagree on the EMA counters: "
+        r"\(ema_steps=2, .*\) and \(ema_steps=3, ",
+    ),
+    (
+        "some_counters_only",
+        "adam",
+        _pop("param_groups", 0, "ema_decay_prod"),
+        ValueError,
+        r"param group 0 .* only some of the EMA counters",
+    ),
+    (
+        "counters_without_shadows",
+        "adam",
+        _every("state", lambda s: s.pop("ema")),
+        ValueError,
+        r"EMA counters \(ema_updates=2\) but no shadows",
+    ),
+    (
+        "shadows_without_counters",
+        "adam",
+        _every("param_groups", lambda g: [g.pop(k) for k in ("ema_steps", "ema_updates", "ema_decay_prod")]),
+        ValueError,
+        r"param group 0 .* 'ema' shadows but no EMA counters",
+    ),
+    (
+        "one_shadow_missing",
+        "adam",
+        _pop("state", 1, "ema"),
+        ValueError,
+        r"param group 0: params \[1\] have no 'ema' shadow but others do",
+    ),
+    (
+        "shadow_wrong_shape",
+        "adam",
+        _set(("state", 0, "ema"), torch.zeros(2)),
+        ValueError,
+        r"state\[0\]\['ema'\] has shape \(2,\), its param has \(3, 2, 3, 3\)",
+    ),
+    (
+        "shadow_int_tensor",
+        "adam",
+        _set(("state", 3, "ema"), lambda t: t.long()),
+        ValueError,
+        r"state\[3\]\['ema'\] must be a real floating tensor .* got a torch.int64 tensor",
+    ),
+    (
+        "shadow_none",
+        "adam",
+        _set(("state", 0, "ema"), None),
+        ValueError,
+        r"state\[0\]\['ema'\] .* got a NoneType",
+    ),
+    (
+        "shadow_meta",
+        "adam",
+        _set(("state", 0, "ema"), lambda t: t.to("meta")),
+        ValueError,
+        r"state\[0\]\['ema'\] is a meta tensor",
+    ),
+    (
+        "second_shadow_for_one",
+        "adam",
+        _set(("state", 0, "ema_1"), torch.zeros(3, 2, 3, 3)),
+        ValueError,
+        r"state\[0\] has the shadows \['ema', 'ema_1'\], this optimizer keeps \['ema'\]",
+    ),
 ]
 
 
 def _into(kind):
-    return make(inner={"fresh_rmsprop": "rmsprop", "fresh_adam": "adam"}.get(kind, kind), seed=5, groups=2, bias_correction=True)
+    return make(
+        inner={"fresh_rmsprop": "rmsprop", "fresh_adam": "adam"}.get(kind, kind),
+        seed=5,
+        groups=2,
+        bias_correction=True,
+    )
 
 
 @pytest.mark.parametrize("into,mutate,error,match", [c[1:] for c in HOSTILE], ids=[c[0] for c in HOSTILE])
@@ -565,7 +826,9 @@ def _ema_flag_through_the_inner(flag):
         assert torch.equal(x.detach(), torch.ones(2)) and torch.equal(y.detach(), torch.ones(2))
 
 
-@pytest.mark.parametrize("where", [_ema_flag_at_construction, _ema_flag_through_the_wrapper, _ema_flag_through_the_inner])
+@pytest.mark.parametrize(
+    "where", [_ema_flag_at_construction, _ema_flag_through_the_wrapper, _ema_flag_through_the_inner]
+)
 @pytest.mark.parametrize("flag", ["no", 0, None])
 def test_ema_flag_that_is_not_a_bool_is_refused(where, flag):
     with pytest.raises(ValueError, match=rf"has 'ema': {flag!r}; it must be True or False"):
