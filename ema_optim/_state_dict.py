@@ -14,8 +14,8 @@ Layout (the inner optimizer's own, plus):
 from __future__ import annotations
 
 import numbers
+import reprlib
 from collections.abc import Hashable, Mapping
-from itertools import chain
 from typing import Any, NamedTuple, Optional, Sequence
 
 from torch import Tensor
@@ -86,15 +86,20 @@ def check(
         if k in id_map and not isinstance(entry, Mapping):
             raise ValueError(f"state[{k!r}] must be a dict of the param's state, got {type(entry).__name__}")
     per_group = [_group_counters(i, g, n) for i, g in enumerate(saved_groups)]
-    found = {c for c in per_group if c is not None}
-    if len(found) > 1:
-        raise ValueError(f"the param groups of the state dict disagree on the EMA counters: {found}")
-    counters = found.pop() if found else None
+    counted = [(i, c) for i, c in enumerate(per_group) if c is not None]
+    for i, c in counted[1:]:
+        if c != counted[0][1]:
+            raise ValueError(
+                f"param groups {counted[0][0]} and {i} of the state dict disagree on the EMA counters: "
+                f"{_describe(counted[0][1])} and {_describe(c)}"
+            )
+    counters = counted[0][1] if counted else None
     shadows = _shadows_of(saved_groups, saved_state, param_groups, id_map, per_group, n)
     buffer_shadows = _buffer_shadows_of(saved_state, id_map, buffers, n, counters)
     for k, entry in saved_state.items():
         if k in id_map:
             _check_inner_state(k, id_map[k], entry, state.get(id_map[k], {}))
+    _check_flag_state(saved_groups, saved_state)
     return LoadPlan(_inner_part(sd), shadows, counters, buffer_shadows)
 
 
@@ -152,6 +157,34 @@ def _check_groups(saved_groups: Sequence, param_groups: list[dict]) -> None:
             raise ValueError(f"param group {i} of the state dict has no 'lr'")
         if _shadows.ENABLE in saved:
             _shadows.enabled(saved, i)
+        for key, live in group.items():
+            if key in saved and not is_counter_key(key) and not _same_kind(live, saved[key]):
+                raise ValueError(
+                    f"param group {i} of the state dict has {key!r}: {reprlib.repr(saved[key])}, this "
+                    f"optimizer's has {reprlib.repr(live)}; pass a state dict saved by this kind of optimizer"
+                )
+
+
+def _same_kind(live: Any, saved: Any) -> bool:
+    """A hyperparameter the inner step computes with is still of its kind: a flag (``amsgrad``),
+    an option torch may choose (``foreach``: None), a number (``lr``), or a tuple of numbers
+    (``betas``). Others (names, lists of names) are not checked."""
+    if live is None:  # foreach, fused, LBFGS's line_search_fn
+        return saved is None or isinstance(saved, (bool, str)) or _is_number(saved)
+    if isinstance(live, bool):  # a flag; None lets torch choose, as for foreach
+        return saved is None or isinstance(saved, bool)
+    if _is_number(live):
+        return _is_number(saved)
+    if isinstance(live, (tuple, list)) and live and all(_is_number(v) for v in live):
+        return isinstance(saved, (tuple, list)) and len(saved) == len(live) and all(map(_is_number, saved))
+    return True
+
+
+def _is_number(v: Any) -> bool:
+    """A real number, or a one-element real tensor (torch accepts ``lr=torch.tensor(0.01)``)."""
+    if isinstance(v, Tensor):
+        return v.numel() == 1 and not v.is_complex()
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def missing_group_keys(before: Sequence[dict], after: Sequence[dict]) -> Optional[str]:
@@ -166,12 +199,14 @@ def missing_group_keys(before: Sequence[dict], after: Sequence[dict]) -> Optiona
 
 def _id_map(saved_groups: Sequence[Mapping], param_groups: list[dict]) -> dict[Any, Tensor]:
     id_map: dict[Any, Tensor] = {}
-    saved_ids = chain.from_iterable(g["params"] for g in saved_groups)
-    for k, p in zip(saved_ids, chain.from_iterable(g["params"] for g in param_groups)):
-        if not isinstance(k, Hashable) or isinstance(k, Tensor):
-            raise ValueError(f"the state dict lists {type(k).__name__} {k!r} as a param id; ids are ints")
-        if id_map.setdefault(k, p) is not p:
-            raise ValueError(f"the state dict lists param id {k!r} for two different params")
+    for i, (saved, group) in enumerate(zip(saved_groups, param_groups)):
+        for j, (k, p) in enumerate(zip(saved["params"], group["params"])):
+            where = f"param group {i} of the state dict lists"
+            if not isinstance(k, Hashable) or isinstance(k, Tensor):
+                kind = type(k).__name__
+                raise ValueError(f"{where} {kind} {k!r} as a param id (params[{j}]); ids are ints")
+            if id_map.setdefault(k, p) is not p:
+                raise ValueError(f"{where} param id {k!r} (params[{j}]) that names another param too")
     return id_map
 
 
@@ -191,12 +226,15 @@ def _group_counters(i: int, group: Mapping, n: int) -> Optional[Counters]:
     steps, updates, *prods = (group[k] for k in wanted)
     for name, v in ((STEPS, steps), (UPDATES, updates)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name} in the state dict must be an int >= 0, got {v!r}")
+            raise ValueError(f"param group {i} of the state dict has {name}={v!r}; it must be an int >= 0")
+    where = f"param group {i} of the state dict has"
     if updates > steps:
-        raise ValueError(f"{UPDATES}={updates} in the state dict exceeds {STEPS}={steps}: they do not fit")
+        raise ValueError(f"{where} {UPDATES}={updates} > {STEPS}={steps}: more EMA updates than steps")
     for name, v in zip(wanted[2:], prods):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= v <= 1.0:
-            raise ValueError(f"{name} in the state dict must be a float in [0, 1], got {v!r}")
+            raise ValueError(f"{where} {name}={v!r}; it must be a float in [0, 1]")
+        if updates == 0 and v != 1.0:  # the product of no decays
+            raise ValueError(f"{where} {name}={v!r} but {UPDATES}=0: with no update it must be 1.0")
     return Counters(steps, updates, tuple(float(v) for v in prods))
 
 
@@ -278,14 +316,41 @@ def _check_inner_state(k: Any, p: Tensor, saved: Mapping, current: Mapping) -> N
             raise ValueError(f"state[{k!r}] lacks the keys {sorted(map(str, missing))} of this optimizer's state")
     for kk, v in given.items():
         cur = current.get(kk)
+        if kk in SCALARS and not _is_number(v):
+            kind = type(v).__name__
+            raise ValueError(f"state[{k!r}][{kk!r}] must be a number or a one-element tensor, got {kind}")
         tensor_expected = isinstance(cur, Tensor) or kk in PARAM_SHAPED
         if not isinstance(v, Tensor):
             if tensor_expected and not (kk == "momentum_buffer" and v is None):
                 raise ValueError(f"state[{k!r}][{kk!r}] must be a tensor, got {type(v).__name__}")
             continue
+        if v.is_meta and not p.is_meta:
+            raise ValueError(f"state[{k!r}][{kk!r}] is a meta tensor: it holds no values")
         expected = cur.shape if isinstance(cur, Tensor) else p.shape if kk in PARAM_SHAPED else None
         if expected is not None and v.shape != expected:
             raise ValueError(f"state[{k!r}][{kk!r}] has shape {tuple(v.shape)}, expected {tuple(expected)}")
+
+
+def _check_flag_state(saved_groups: Sequence[Mapping], saved_state: Mapping) -> None:
+    """A stock flag that needs per-param state (Adam's ``amsgrad``, RMSprop's ``centered``) has
+    it for every param whose state the dict holds, or the first step would fail (KeyError)."""
+    for i, group in enumerate(saved_groups):
+        for flag, needed in FLAG_STATE.items():
+            if group.get(flag) is not True:
+                continue
+            for k in group["params"]:
+                entry = saved_state.get(k)
+                inner = [kk for kk in entry if not _shadows.is_key(kk)] if isinstance(entry, Mapping) else []
+                if inner and needed not in inner:
+                    raise ValueError(
+                        f"state[{k!r}] lacks {needed!r}, which param group {i}'s {flag!r}: True needs; "
+                        "pass a state dict saved with the same settings"
+                    )
+
+
+def _describe(c: Counters) -> str:
+    prods = ", ".join(f"{k}={v}" for k, v in zip(counter_keys(len(c.decay_prods))[2:], c.decay_prods))
+    return f"({STEPS}={c.steps}, {UPDATES}={c.updates}, {prods})"
 
 
 def _inner_part(sd: Mapping) -> dict:
@@ -300,6 +365,12 @@ def _inner_part(sd: Mapping) -> dict:
     groups = [{k: v for k, v in g.items() if not is_counter_key(k)} for g in sd["param_groups"]]
     return {**sd, "state": state, "param_groups": groups}
 
+
+# Stock flags whose True value needs a per-param state entry.
+FLAG_STATE = {"amsgrad": "max_exp_avg_sq", "centered": "grad_avg"}
+
+# Stock torch.optim state entries that are one number (a float, or a 0-dim tensor).
+SCALARS = frozenset({"step", "eta", "mu"})
 
 # Stock torch.optim state entries that always have their param's shape.
 PARAM_SHAPED = frozenset(

@@ -88,6 +88,20 @@ def unpack_(s: Tensor, p: Tensor) -> None:
     p.view(torch.int16).copy_(train)
 
 
+@_on_param_device
+def unpack_edited_(s: Tensor, p: Tensor) -> None:
+    """:func:`unpack_` for the swap's undo, where the block may have edited the param in place.
+
+    The shadow then takes the edited value to within half a bf16 step, except that a +-0
+    param with a carry would wrap to NaN. Only a NaN shadow packs to that (0xFFFF + 1), and
+    the swap copies NaN shadows instead of packing them, so here it is always an edit
+    (``p.zero_()``, a pruning mask): drop the carry and the shadow takes the exact zero.
+    """
+    low, _ = _halves(s)
+    low.masked_fill_((low < 0) & ((p.view(torch.int16) & 0x7FFF) == 0), 0)
+    unpack_.__wrapped__(s, p)
+
+
 def _halves(fp32: Tensor) -> tuple[Tensor, Tensor]:
     """Views of the low and high 16 bits of each element of a flat fp32 tensor (little-endian)."""
     pairs = fp32.view(torch.int16).view(-1, 2)
@@ -124,7 +138,11 @@ def _finest_step(hf: Tensor) -> Tensor:
     return ((exponent - 24).clamp(min=1) << 23).view(torch.float32)
 
 
-SWAP_KERNELS = {"exchange": (exchange_, exchange_), "pack": (pack_, unpack_), "pack16": (pack16_, unpack16_)}
+SWAP_KERNELS = {
+    "exchange": (exchange_, exchange_),
+    "pack": (pack_, unpack_edited_),
+    "pack16": (pack16_, unpack16_),
+}
 
 
 def packable(pairs: Sequence[tuple[Tensor, str]]) -> list[bool]:
@@ -152,7 +170,10 @@ class Record:
     def __init__(self, p: Tensor, shadow: Tensor, method: str) -> None:
         self.p, self.shadow, self.method = p, shadow, method
         self.data = p.data  # the param's tensor now: put back if the block replaces it
-        self.pieces = swap_pieces(shadow, p) if method != "copy" else []
+        # Pieces are views of that data tensor, not of the param: a view of the param would
+        # hold a reference to it, and torch.utils.swap_tensors (what model.float() uses under
+        # torch.__future__.set_swap_module_params_on_conversion(True)) refuses such params.
+        self.pieces = swap_pieces(shadow, self.data) if method != "copy" else []
         self.stash: Optional[Tensor] = None
         self.done = 0  # pieces swapped (1 for "copy" once the EMA is in)
 

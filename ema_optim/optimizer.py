@@ -252,9 +252,23 @@ class EMAOptimizer(Optimizer):
             What the inner step returns (the closure's loss, if a closure was given).
 
         Raises:
-            RuntimeError: inside ``swap_ema_weights()`` (nothing is changed).
-            ValueError: the decay schedule returned a value outside [0, 1], or a param group's
-                ``"ema"`` flag is not a bool (nothing is changed).
+            RuntimeError: inside ``swap_ema_weights()`` (nothing is changed); or one param was
+                given a new shape or dtype since the last step (see the note).
+            ValueError: the decay schedule returned a value outside [0, 1], a param group's
+                ``"ema"`` flag is not a bool, or a shadow no longer fits its param's shape
+                (nothing is changed).
+
+        Note:
+            A model converted as a whole between steps (``model.half()``, ``model.double()``,
+            ``model.to(memory_format=torch.channels_last)``) is followed: the shadows keep their
+            dtype and take the new weights. A change to one param only (``p.data = ...`` with
+            a new shape or dtype) is not looked for at every step, which would cost host work
+            per param: its EMA update then fails after the inner step ran (the weights moved,
+            and shadows before it in its (device, dtype) group may have taken this update; the
+            counters did not advance) with a ``RuntimeError``. The next step adapts to a new
+            dtype; for a new shape it raises ``ValueError`` before changing anything, until
+            the stale shadow is dropped (``opt.state[p].pop("ema")``), which restarts that
+            param's EMA from its current weights.
         """
         rt = self._rt
         action = rt.begin(self.optimizer, self._timing, self._spec, self._buffers)
@@ -471,19 +485,31 @@ class EMAOptimizer(Optimizer):
 
 def _inner_step(inner: Optimizer, args: tuple) -> Any:
     """``inner.step(*args)`` without the global step hooks: those run once per step, for the
-    wrapper. The inner optimizer's own step hooks still run, as torch runs them."""
+    wrapper. The inner optimizer's own step hooks still run, as torch runs them (a bad return
+    value of a pre hook is refused the same way), and a profiler still shows the inner step
+    (``Optimizer.step#Adam.step``) inside the wrapper's."""
     step = type(inner).step
-    if "step" in vars(inner) or not getattr(step, "hooked", False):  # patched on the instance, or unhooked
+    patched = vars(inner).get("step")
+    if patched is not None and getattr(patched, "__wrapped__", None) is step:
+        # an LR scheduler built on the inner optimizer: its patch only marks the step as called
+        inner._opt_called = True  # type: ignore[attr-defined]
+        patched = None
+    if patched is not None or not getattr(step, "hooked", False):  # another patch, or unhooked
         return inner.step(*args)
     call_args, kwargs = (inner, *args), {}
-    for pre_hook in list(inner._optimizer_step_pre_hooks.values()):
-        result = pre_hook(inner, call_args, kwargs)
-        if result is not None:
-            call_args, kwargs = result
-    out = step.__wrapped__(*call_args, **kwargs)  # type: ignore[attr-defined]
-    inner._optimizer_step_code()
-    for post_hook in list(inner._optimizer_step_post_hooks.values()):
-        post_hook(inner, call_args, kwargs)
+    with torch.autograd.profiler.record_function(f"Optimizer.step#{type(inner).__name__}.step"):
+        for pre_hook in list(inner._optimizer_step_pre_hooks.values()):
+            result = pre_hook(inner, call_args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(
+                        f"{step} must return None or a tuple of (new_args, new_kwargs), but got {result}."
+                    )
+                call_args, kwargs = result
+        out = step.__wrapped__(*call_args, **kwargs)  # type: ignore[attr-defined]
+        inner._optimizer_step_code()
+        for post_hook in list(inner._optimizer_step_post_hooks.values()):
+            post_hook(inner, call_args, kwargs)
     return out
 
 
