@@ -10,7 +10,7 @@ compiled step reuses one graph whatever the decay.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -115,3 +115,33 @@ class Runtime:
     @torch.compiler.disable
     def commit(self) -> None:
         self.counters, self.plan = self.plan.counters, None
+
+
+def inner_step(inner: Optimizer, args: tuple) -> Any:
+    """``inner.step(*args)`` without the global step hooks: those run once per step, for the
+    wrapper. The inner optimizer's own step hooks still run, as torch runs them (a bad return
+    value of a pre hook is refused the same way), and a profiler still shows the inner step
+    (``Optimizer.step#Adam.step``) inside the wrapper's."""
+    step = type(inner).step
+    patched = vars(inner).get("step")
+    if patched is not None and getattr(patched, "__wrapped__", None) is step:
+        # an LR scheduler built on the inner optimizer: its patch only marks the step as called
+        inner._opt_called = True  # type: ignore[attr-defined]
+        patched = None
+    if patched is not None or not getattr(step, "hooked", False):  # another patch, or unhooked
+        return inner.step(*args)
+    call_args, kwargs = (inner, *args), {}
+    with torch.autograd.profiler.record_function(f"Optimizer.step#{type(inner).__name__}.step"):
+        for pre_hook in list(inner._optimizer_step_pre_hooks.values()):
+            result = pre_hook(inner, call_args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(
+                        f"{step} must return None or a tuple of (new_args, new_kwargs), but got {result}."
+                    )
+                call_args, kwargs = result
+        out = step.__wrapped__(*call_args, **kwargs)  # type: ignore[attr-defined]
+        inner._optimizer_step_code()
+        for post_hook in list(inner._optimizer_step_post_hooks.values()):
+            post_hook(inner, call_args, kwargs)
+    return out

@@ -326,3 +326,18 @@ def _check_pair(shadow: Any, p: Tensor, name: str) -> None:
             "was replaced (p.data = ...) after its shadow was made. Load a state dict that fits, or "
             f"drop the stale shadow (opt.state[p].pop({name!r})) to restart its EMA from the current weights."
         )
+
+
+def check_device(ema_device: Any) -> Optional[torch.device]:
+    if ema_device is None:
+        return None
+    try:
+        device = torch.device(ema_device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"ema_device must be None or 'cpu', got {ema_device!r}") from e
+    if device.type != "cpu":
+        raise ValueError(
+            f"ema_device must be None (shadows with their params) or 'cpu' (offloaded to host memory), "
+            f"got {str(device)!r}"
+        )
+    return device

@@ -389,3 +389,21 @@ PARAM_SHAPED = frozenset(
         "exp_inf",
     }
 )
+
+
+def load_inner(inner: Any, inner_sd: dict) -> None:
+    """Load the inner optimizer's part; on any failure put it back as it was."""
+    old = (inner.state, inner.param_groups)
+    try:
+        inner.load_state_dict(inner_sd)
+        problem = missing_group_keys(old[1], inner.param_groups)
+        if problem:
+            raise ValueError(f"{problem}; pass a state dict saved by this kind of optimizer")
+    except Exception as e:
+        inner.state, inner.param_groups = old
+        if isinstance(e, ValueError) and str(e).startswith("param group"):
+            raise
+        raise ValueError(f"the inner optimizer could not load the state dict: {e!r}") from e
+    for group, before in zip(inner.param_groups, old[1]):  # a dict saved without "ema": keep ours
+        if _shadows.ENABLE not in group and _shadows.ENABLE in before:
+            group[_shadows.ENABLE] = before[_shadows.ENABLE]

@@ -31,6 +31,7 @@ from torch import Tensor
 from . import _kernels
 from ._kernels import flat, local, same_layout
 
+
 def swap_method(shadow: Tensor, param: Tensor) -> str:
     shadow, param = local(shadow), local(param)
     if param.is_meta or shadow.is_meta:  # no values to keep: nothing to read on the host

@@ -8,12 +8,11 @@ from collections.abc import Mapping
 from typing import Any, Callable, DefaultDict, Iterator, Optional, Sequence, Union
 
 import torch
-from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _plan, _shadows, _state_dict, _swap
-from ._runtime import Runtime as _Runtime
+from . import _plan, _runtime, _shadows, _state_dict, _swap
 from ._plan import Decay
+from ._runtime import Runtime as _Runtime
 
 __all__ = ["EMAOptimizer"]
 
@@ -133,7 +132,7 @@ class EMAOptimizer(Optimizer):
             raise TypeError(f"bias_correction must be a bool, got {type(bias_correction).__name__}")
         if ema_dtype is not None and not (isinstance(ema_dtype, torch.dtype) and ema_dtype.is_floating_point):
             raise TypeError(f"ema_dtype must be a floating torch.dtype such as torch.float32, got {ema_dtype!r}")
-        device = _check_device(ema_device)
+        device = _shadows.check_device(ema_device)
         if buffers is not None and not isinstance(buffers, torch.nn.Module):
             raise TypeError(
                 f"buffers must be None or a torch.nn.Module (usually the model), got {type(buffers).__name__}"
@@ -278,7 +277,7 @@ class EMAOptimizer(Optimizer):
             self.optimizer.grad_scale = self.grad_scale
             self.optimizer.found_inf = found_inf
         try:
-            loss = _inner_step(self.optimizer, () if closure is None else (closure,))
+            loss = _runtime.inner_step(self.optimizer, () if closure is None else (closure,))
         finally:
             if forwarded:
                 del self.optimizer.grad_scale, self.optimizer.found_inf
@@ -439,7 +438,7 @@ class EMAOptimizer(Optimizer):
             held = {k: self._spec.make(buffers[_shadows.split_buffer_key(k)[1]], v) for k, v in plan.buffer_shadows.items()}
         except Exception as e:
             raise ValueError(f"could not make a shadow from the state dict: {e!r}") from e
-        self._load_inner(plan.inner)
+        _state_dict.load_inner(inner, plan.inner)
         if plan.counters is None:
             warnings.warn(
                 "loaded a state dict without EMA shadows (a plain inner-optimizer state dict?): "
@@ -463,66 +462,3 @@ class EMAOptimizer(Optimizer):
         _state_dict.publish(inner.param_groups, inner.state, self._spec.count)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
-
-    def _load_inner(self, inner_sd: dict[str, Any]) -> None:
-        """Load the inner optimizer's part; on any failure put it back as it was."""
-        inner = self.optimizer
-        old = (inner.state, inner.param_groups)
-        try:
-            inner.load_state_dict(inner_sd)
-            problem = _state_dict.missing_group_keys(old[1], inner.param_groups)
-            if problem:
-                raise ValueError(f"{problem}; pass a state dict saved by this kind of optimizer")
-        except Exception as e:
-            inner.state, inner.param_groups = old
-            if isinstance(e, ValueError) and str(e).startswith("param group"):
-                raise
-            raise ValueError(f"the inner optimizer could not load the state dict: {e!r}") from e
-        for group, before in zip(inner.param_groups, old[1]):  # a dict saved without "ema": keep ours
-            if _shadows.ENABLE not in group and _shadows.ENABLE in before:
-                group[_shadows.ENABLE] = before[_shadows.ENABLE]
-
-
-def _inner_step(inner: Optimizer, args: tuple) -> Any:
-    """``inner.step(*args)`` without the global step hooks: those run once per step, for the
-    wrapper. The inner optimizer's own step hooks still run, as torch runs them (a bad return
-    value of a pre hook is refused the same way), and a profiler still shows the inner step
-    (``Optimizer.step#Adam.step``) inside the wrapper's."""
-    step = type(inner).step
-    patched = vars(inner).get("step")
-    if patched is not None and getattr(patched, "__wrapped__", None) is step:
-        # an LR scheduler built on the inner optimizer: its patch only marks the step as called
-        inner._opt_called = True  # type: ignore[attr-defined]
-        patched = None
-    if patched is not None or not getattr(step, "hooked", False):  # another patch, or unhooked
-        return inner.step(*args)
-    call_args, kwargs = (inner, *args), {}
-    with torch.autograd.profiler.record_function(f"Optimizer.step#{type(inner).__name__}.step"):
-        for pre_hook in list(inner._optimizer_step_pre_hooks.values()):
-            result = pre_hook(inner, call_args, kwargs)
-            if result is not None:
-                if not (isinstance(result, tuple) and len(result) == 2):
-                    raise RuntimeError(
-                        f"{step} must return None or a tuple of (new_args, new_kwargs), but got {result}."
-                    )
-                call_args, kwargs = result
-        out = step.__wrapped__(*call_args, **kwargs)  # type: ignore[attr-defined]
-        inner._optimizer_step_code()
-        for post_hook in list(inner._optimizer_step_post_hooks.values()):
-            post_hook(inner, call_args, kwargs)
-    return out
-
-
-def _check_device(ema_device: Any) -> Optional[torch.device]:
-    if ema_device is None:
-        return None
-    try:
-        device = torch.device(ema_device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"ema_device must be None or 'cpu', got {ema_device!r}") from e
-    if device.type != "cpu":
-        raise ValueError(
-            f"ema_device must be None (shadows with their params) or 'cpu' (offloaded to host memory), "
-            f"got {str(device)!r}"
-        )
-    return device
