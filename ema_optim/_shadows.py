@@ -9,7 +9,7 @@ step does no per-parameter Python work.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -211,7 +211,7 @@ class Layout:
             have = state.get(p, {})
             for name in names:
                 if name in have:
-                    _check_pair(have[name], p, name)
+                    _check_pair(have[name], p, name, lambda p=p: _where(param_groups, p))
         self._state, self._names, self._spec = state, names, spec
         self._gather_buffer_shadows()
         for k in range(len(names) if buffers is not None else 0):
@@ -318,11 +318,19 @@ def _check_buffer_pair(shadow: Any, buf: Tensor, name: str, shadow_key: str) -> 
         )
 
 
-def _check_pair(shadow: Any, p: Tensor, name: str) -> None:
+def _where(param_groups: Sequence[dict], p: Tensor) -> str:
+    for i, group in enumerate(param_groups):
+        for j, q in enumerate(group["params"]):
+            if q is p:
+                return f"param {j} of param group {i}"
+    return "a param"  # pragma: no cover - p comes from param_groups
+
+
+def _check_pair(shadow: Any, p: Tensor, name: str, where: Callable[[], str] = lambda: "a param") -> None:
     if not isinstance(shadow, Tensor) or shadow.shape != p.shape:
         got = tuple(shadow.shape) if isinstance(shadow, Tensor) else type(shadow).__name__
         raise ValueError(
-            f"a param of shape {tuple(p.shape)} has a shadow state[p][{name!r}] of shape {got}: the param "
+            f"{where()} (shape {tuple(p.shape)}) has a shadow state[p][{name!r}] of shape {got}: the param "
             "was replaced (p.data = ...) after its shadow was made. Load a state dict that fits, or "
             f"drop the stale shadow (opt.state[p].pop({name!r})) to restart its EMA from the current weights."
         )
