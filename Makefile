@@ -1,8 +1,15 @@
 # Two commands for a fresh machine: `make demo` and `make test`.
-# Each creates .venv, installs the pinned dev torch (a CPU build here; users may use any
-# torch>=2.4) and this package in editable mode with its extras, then runs.
-# `make test` also installs the integrations (Lightning, Accelerate, transformers, PEFT)
-# and matplotlib so that their tests run instead of being skipped.
+# Each creates .venv, installs the pinned dev torch (a CPU build here) and this package in
+# editable mode with its extras, then runs. `make test` also installs the trainer
+# integrations (Lightning, Accelerate, transformers, PEFT) and matplotlib so that their tests run
+# instead of being skipped.
+#
+# Further targets (used by .ci/run):
+#   make test-compat TORCH_PIN=torch==2.15.0   the whole suite on another torch, in its own
+#                                              venv (.venv-torch-2.15.0), same extras as `make test`
+#   make wheel-check    build the wheel, install it with the pinned torch into a clean venv
+#                       and run the README quick start from outside the checkout
+#   make lint           mypy ema_optim, ruff check, ruff format --check
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,24 +17,31 @@ TORCH_PIN ?= torch==2.13.0
 DEMO_EXTRAS ?= dev
 TEST_EXTRAS ?= dev,plot,lightning,accelerate,transformers,peft
 BENCH_EXTRAS ?= dev,bench
+COMPAT_VENV ?= $(VENV)-$(subst ==,-,$(subst $() ,,$(TORCH_PIN)))
+COMPAT_PY := $(COMPAT_VENV)/bin/python
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-compat wheel-check lint bench clean
 
+# $(1): extras, $(2): venv
 define install
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[$(1)]" "$(TORCH_PIN)"
+	test -x $(2)/bin/python || { $(PYTHON) -m venv $(2) && echo '*' > $(2)/.gitignore; }
+	$(2)/bin/python -m pip install -q "$(TORCH_PIN)"
+	$(2)/bin/python -m pip install -q -e ".[$(1)]" "$(TORCH_PIN)"
+	$(2)/bin/python -c "import torch; print('torch', torch.__version__)"
 	touch $@
 endef
 
 $(VENV)/.demo-installed: setup.cfg pyproject.toml
-	$(call install,$(DEMO_EXTRAS))
+	$(call install,$(DEMO_EXTRAS),$(VENV))
 
 $(VENV)/.test-installed: setup.cfg pyproject.toml
-	$(call install,$(TEST_EXTRAS))
+	$(call install,$(TEST_EXTRAS),$(VENV))
 
 $(VENV)/.bench-installed: setup.cfg pyproject.toml
-	$(call install,$(BENCH_EXTRAS))
+	$(call install,$(BENCH_EXTRAS),$(VENV))
+
+$(COMPAT_VENV)/.test-installed: setup.cfg pyproject.toml
+	$(call install,$(TEST_EXTRAS),$(COMPAT_VENV))
 
 demo: $(VENV)/.demo-installed
 	$(PY) -m ema_optim.demo $(ARGS)
@@ -35,8 +49,21 @@ demo: $(VENV)/.demo-installed
 test: $(VENV)/.test-installed
 	$(PY) -m pytest -q $(ARGS)
 
+test-compat: $(COMPAT_VENV)/.test-installed
+	$(COMPAT_PY) -m pytest -q $(ARGS)
+
+wheel-check: $(VENV)/.test-installed
+	rm -rf dist
+	$(PY) -m build --wheel --outdir dist .
+	PYTHON=$(PYTHON) .ci/wheel_check.sh dist/ema_optim-*.whl "$(TORCH_PIN)"
+
+lint: $(VENV)/.test-installed
+	$(PY) -m mypy ema_optim
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check --extend-exclude '*.md' .
+
 bench: $(VENV)/.bench-installed
 	$(PY) benchmarks/bench.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) *.egg-info .hypothesis
+	rm -rf $(VENV) $(VENV)-torch-* *.egg-info .hypothesis dist build

@@ -10,4 +10,4 @@ from . import posthoc, schedules
 from .optimizer import EMAOptimizer
 
 __all__ = ["EMAOptimizer", "posthoc", "schedules", "__version__"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -21,8 +21,11 @@ SCRATCH_MIN = 1 << 12
 
 try:  # DTensor params (FSDP2, tensor parallel): the kernels work on the local shards.
     from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = None
+except ImportError:  # pragma: no cover - older torch: the private path; or torch without distributed
+    try:
+        from torch.distributed._tensor import DTensor
+    except ImportError:
+        DTensor = None  # type: ignore[assignment,misc]
 
 
 def local(t: Tensor) -> Tensor:

@@ -43,15 +43,16 @@ class Offload:
         self.wait()
         self.active = True
         events: list[Copies] = []
-        for g in groups:
-            self._stage(g.params, g.staged.params, events)
+        staged = [_staged(g) for g in groups]
+        for g, s in zip(groups, staged):
+            self._stage(g.params, s.params, events)
         if weights is not None and isinstance(weights[0], Tensor):  # own copies: the caller may refill them
             hosts = [torch.empty((), dtype=w.dtype, pin_memory=w.is_cuda) for w in weights]
             self._stage(list(weights), hosts, events, temporary=True)
             weights = hosts
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ema_optim")
-        self._pending = self._executor.submit(_fold, [g.staged for g in groups], events, weights)
+        self._pending = self._executor.submit(_fold, staged, events, weights)
 
     def _stage(
         self,
@@ -110,3 +111,10 @@ def _fold(groups: list[Group], events: list[Copies], weights: Optional[Sequence[
             _kernels.copy_(groups)
         else:
             _kernels.lerp_(groups, weights)
+
+
+def _staged(g: Group) -> Group:
+    """The staged form of an offloaded group (every group this class sees has one)."""
+    if g.staged is None:
+        raise TypeError("an EMA group without offloaded shadows reached the offload pipeline")
+    return g.staged

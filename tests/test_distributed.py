@@ -265,6 +265,14 @@ def test_fsdp2_sharded_shadows_match_reference_and_swap():
 
 N = 3  # steps before the checkpoint, and steps after it
 
+# Before 2.11, torch's FSDP2 sums the gradients over gloo (CPU) ranks where it should average
+# them (pytorch/pytorch#162338; measured: x2 on 2 ranks with 2.7.1, 2.8.0 and 2.10.0, the true
+# average with 2.11.0 and later). Comparing runs on 1 and 2 ranks bit for bit needs the average.
+gloo_fsdp2_averages = pytest.mark.skipif(
+    torch.__version__ < "2.11",
+    reason="FSDP2 on gloo sums gradients instead of averaging them before torch 2.11 (pytorch#162338)",
+)
+
 
 def dcp_options(flat: bool):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
@@ -389,6 +397,7 @@ def _dcp_worker(rank: int, world: int, tmp: Path) -> None:
     assert_same(snapshot(resumed, opt_resumed), snapshot(model, opt), "bf16 params, resumed on 2 ranks")
 
 
+@gloo_fsdp2_averages
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_dcp_round_trip_with_resharding(tmp_path):
     # Uninterrupted single-process run (no process group), checkpointed half-way.
