@@ -99,7 +99,7 @@ def _check_decay(decay: Any, name: str) -> None:
         raise TypeError(
             f"{name} must be a float in [0, 1] or a schedule t -> float, got {type(decay).__name__}"
         )
-    if math.isnan(decay) or not 0.0 <= decay <= 1.0:
+    if math.isnan(decay) or not 0.0 <= float(decay) <= 1.0:
         raise ValueError(
             f"{name} must be in [0, 1], got {decay}; for a half-life of h updates use schedules.half_life(h)"
         )

@@ -9,7 +9,9 @@ step does no per-parameter Python work.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -77,7 +79,7 @@ def averaged(param_groups: Sequence[dict]) -> list[Tensor]:
     return out
 
 
-def enabled(group: dict, i: int) -> bool:
+def enabled(group: Mapping, i: int) -> bool:
     flag = group.get(ENABLE, True)
     if not isinstance(flag, bool):
         raise ValueError(
@@ -90,7 +92,8 @@ def is_float(t: Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 
 
-class Spec(NamedTuple):
+@dataclass(frozen=True)
+class Spec:
     """How shadows are made: their count, dtype rule and device."""
 
     count: int
@@ -211,14 +214,15 @@ class Layout:
             have = state.get(p, {})
             for name in names:
                 if name in have:
-                    _check_pair(have[name], p, name, lambda p=p: _where(param_groups, p))
+                    _check_pair(have[name], p, name, partial(_where, param_groups, p))
         self._state, self._names, self._spec = state, names, spec
         self._gather_buffer_shadows()
-        for k in range(len(names) if buffers is not None else 0):
-            held = self.buffer_shadows(k)
-            for n, t in zip(self.buffers.names, self.buffer_tensors):
-                if n in held:
-                    _check_buffer_pair(held[n], t, n, buffer_key(k, n))
+        if buffers is not None:
+            for k in range(len(names)):
+                held = self.buffer_shadows(k)
+                for n, t in zip(buffers.names, self.buffer_tensors):
+                    if n in held:
+                        _check_buffer_pair(held[n], t, n, buffer_key(k, n))
         self.groups: list[_kernels.Group] = []
         self._regroup()
 
@@ -262,7 +266,7 @@ class Layout:
                 return False
         if self.buffers is not None and not self.buffers.unchanged(self.buffer_tensors):
             return False
-        if self._anchor_trained and not self.anchor.requires_grad:
+        if self._anchor_trained and self.anchor is not None and not self.anchor.requires_grad:
             return False  # DCP's loader skips the state of frozen params: move the buffer shadows
         # a model converted as a whole (model.half(), model.to(device)) shows in every group
         return all(p.dtype == dt and p.shape == shape and p.device == dev for p, dt, shape, dev in self._reps)
@@ -284,6 +288,7 @@ class Layout:
                 if buffer_key(k, n) not in held
             }
             if made:
+                assert self.anchor is not None  # buffers with names need one (checked in __init__)
                 self.missing.setdefault(self.anchor, {}).update(made)
 
     def adopt_missing(self) -> bool:

@@ -135,6 +135,7 @@ def _buffer_shadows_of(
             f"the state dict's buffer shadows {sorted(set(found) ^ wanted)[:5]} do not fit this optimizer's "
             f"{n} shadow(s) per buffer"
         )
+    assert buffers is not None  # its names are those of the shadows found (checked above)
     for kk, v in found.items():
         _checked_shadow("buffer", kk, buffers[_shadows.split_buffer_key(kk)[1]], v)
     return found
@@ -231,7 +232,7 @@ def _group_counters(i: int, group: Mapping, n: int) -> Optional[Counters]:
     if updates > steps:
         raise ValueError(f"{where} {UPDATES}={updates} > {STEPS}={steps}: more EMA updates than steps")
     for name, v in zip(wanted[2:], prods):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= v <= 1.0:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= float(v) <= 1.0:
             raise ValueError(f"{where} {name}={v!r}; it must be a float in [0, 1]")
         if updates == 0 and v != 1.0:  # the product of no decays
             raise ValueError(f"{where} {name}={v!r} but {UPDATES}=0: with no update it must be 1.0")
