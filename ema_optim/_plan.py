@@ -86,7 +86,9 @@ def check_decays(decay: Any) -> tuple[Decay, ...]:
     """``decay`` as given to the optimizer (one, or a non-empty tuple/list) as a tuple, checked."""
     decays = tuple(decay) if isinstance(decay, (tuple, list)) else (decay,)
     if not decays:
-        raise ValueError("decay must not be an empty sequence; pass one decay per shadow, e.g. (0.999, 0.9999)")
+        raise ValueError(
+            "decay must not be an empty sequence; pass one decay per shadow, e.g. (0.999, 0.9999)"
+        )
     for i, d in enumerate(decays):
         _check_decay(d, f"decay[{i}]" if isinstance(decay, (tuple, list)) else "decay")
     return decays

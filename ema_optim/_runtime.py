@@ -95,7 +95,8 @@ class Runtime:
             raise RuntimeError(
                 "the EMA update failed after the inner step ran (a param changed its shape or dtype "
                 "after its shadow was made? e.g. p.data = ...); the counters did not advance, some "
-                f"shadows may be updated, and the next step() checks every shadow before it changes anything: {e}"
+                "shadows may be updated, and the next step() checks every shadow before it changes "
+                f"anything: {e}"
             ) from e
         offloaded = [g for g in groups if g.staged is not None]
         if offloaded:  # ema_device: in the background, behind the next step (see _offload.py)
@@ -109,7 +110,9 @@ class Runtime:
         values = self.plan.weights
         cached = self.weight_tensors
         if len(cached) != len(values) or cached[0].device != device:
-            cached = self.weight_tensors = [torch.zeros((), dtype=torch.float64, device=device) for _ in values]
+            cached = self.weight_tensors = [
+                torch.zeros((), dtype=torch.float64, device=device) for _ in values
+            ]
         for w, value in zip(cached, values):
             w.fill_(value)
         return cached

@@ -43,7 +43,9 @@ def is_param_key(name: Any) -> bool:
 
 def is_key(name: Any) -> bool:
     """Any shadow key: a param's (``"ema"``, ``"ema_1"``) or a buffer's (``"ema:bn.running_mean"``)."""
-    return is_param_key(name) or (isinstance(name, str) and is_param_key(name.split(":", 1)[0]) and ":" in name)
+    return is_param_key(name) or (
+        isinstance(name, str) and is_param_key(name.split(":", 1)[0]) and ":" in name
+    )
 
 
 def split_buffer_key(name: str) -> tuple[str, str]:
@@ -83,7 +85,8 @@ def enabled(group: Mapping, i: int) -> bool:
     flag = group.get(ENABLE, True)
     if not isinstance(flag, bool):
         raise ValueError(
-            f"param group {i} has 'ema': {flag!r}; it must be True or False (False keeps the group out of the EMA)"
+            f"param group {i} has 'ema': {flag!r}; it must be True or False "
+            "(False keeps the group out of the EMA)"
         )
     return flag
 
@@ -157,8 +160,9 @@ class Buffers:
         for name, owner, local in self.entries:
             buf = owner._buffers.get(local)
             if not isinstance(buf, Tensor) or not buf.is_floating_point():
+                now = type(buf).__name__ if buf is None else buf.dtype
                 raise ValueError(
-                    f"the averaged buffer {name!r} is now {type(buf).__name__ if buf is None else buf.dtype}; "
+                    f"the averaged buffer {name!r} is now {now}; "
                     "it must stay a floating-point tensor (buffers are chosen when the optimizer is built)"
                 )
             out.append(buf)
@@ -197,7 +201,11 @@ class Layout:
     param groups. :meth:`fresh` tells in O(groups) whether that view still holds."""
 
     def __init__(self, param_groups: list[dict], state: dict, spec: Spec, buffers: Optional[Buffers]) -> None:
-        self._seen = (param_groups, state, [(g, g["params"], len(g["params"]), g.get(ENABLE, True)) for g in param_groups])
+        self._seen = (
+            param_groups,
+            state,
+            [(g, g["params"], len(g["params"]), g.get(ENABLE, True)) for g in param_groups],
+        )
         names = keys(spec.count)
         self.params = averaged(param_groups)
         self.buffers = buffers
@@ -247,7 +255,9 @@ class Layout:
         if self.buffers is None:
             return [], []
         columns = [self.buffer_shadows(k) for k in range(len(self._names))]
-        ready = [(n, t) for n, t in zip(self.buffers.names, self.buffer_tensors) if all(n in c for c in columns)]
+        ready = [
+            (n, t) for n, t in zip(self.buffers.names, self.buffer_tensors) if all(n in c for c in columns)
+        ]
         return [[c[n] for c in columns] for n, _ in ready], [t for _, t in ready]
 
     def _regroup(self) -> None:
@@ -255,14 +265,21 @@ class Layout:
         columns = [[self._state[p][n] for n in self._names] for p in ready]
         buffer_columns, buffers = self._buffer_pairs()
         self.groups = _kernels.group_pairs(columns + buffer_columns, ready + buffers)
-        self._reps = [(g.params[0], g.params[0].dtype, g.params[0].shape, g.params[0].device) for g in self.groups]
+        self._reps = [
+            (g.params[0], g.params[0].dtype, g.params[0].shape, g.params[0].device) for g in self.groups
+        ]
 
     def fresh(self, param_groups: list[dict], state: dict) -> bool:
         groups0, state0, seen = self._seen
         if param_groups is not groups0 or state is not state0 or len(param_groups) != len(seen):
             return False
         for g, (g0, params0, n0, flag0) in zip(param_groups, seen):
-            if g is not g0 or g["params"] is not params0 or len(params0) != n0 or g.get(ENABLE, True) != flag0:
+            if (
+                g is not g0
+                or g["params"] is not params0
+                or len(params0) != n0
+                or g.get(ENABLE, True) != flag0
+            ):
                 return False
         if self.buffers is not None and not self.buffers.unchanged(self.buffer_tensors):
             return False
@@ -309,7 +326,9 @@ class Layout:
         if self.buffers is None:
             return params
         shadows = self.buffer_shadows(k)
-        return params + [(t, shadows[n]) for n, t in zip(self.buffers.names, self.buffer_tensors) if n in shadows]
+        return params + [
+            (t, shadows[n]) for n, t in zip(self.buffers.names, self.buffer_tensors) if n in shadows
+        ]
 
 
 def _check_buffer_pair(shadow: Any, buf: Tensor, name: str, shadow_key: str) -> None:

@@ -9,6 +9,7 @@ from torch import Tensor
 
 VERSION = 1
 
+
 def _power_shadows(opt: Any) -> list[tuple[int, float]]:
     """``(k, gamma)`` of each shadow of ``opt`` whose decay is a :func:`schedules.power` schedule."""
     decays = opt.decay if isinstance(opt.decay, (tuple, list)) else (opt.decay,)

@@ -104,7 +104,11 @@ def check(
 
 
 def _buffer_shadows_of(
-    saved_state: Mapping, id_map: dict[Any, Tensor], buffers: Optional[dict[str, Tensor]], n: int, counters: Any
+    saved_state: Mapping,
+    id_map: dict[Any, Tensor],
+    buffers: Optional[dict[str, Tensor]],
+    n: int,
+    counters: Any,
 ) -> dict[str, Tensor]:
     """The saved buffer shadows (wherever a param's state holds them), checked against the
     optimizer's buffers: all of them for every shadow, or none (a dict saved without buffers)."""
@@ -119,13 +123,16 @@ def _buffer_shadows_of(
         return {}
     names = {_shadows.split_buffer_key(kk)[1] for kk in found}
     ours = set(buffers or ())
+    if names != ours and ours:
+        raise ValueError(
+            f"the state dict has shadows for the buffers {sorted(names - ours)[:5]} that this optimizer "
+            f"does not average, and none for {sorted(ours - names)[:5]}; build the optimizer with the "
+            "same buffers= module"
+        )
     if names != ours:
         raise ValueError(
-            f"the state dict has shadows for the buffers {sorted(names - ours)[:5]} that this optimizer does not "
-            f"average, and none for {sorted(ours - names)[:5]}; build the optimizer with the same buffers= module"
-            if ours
-            else f"the state dict has buffer shadows ({sorted(names)[:5]}) but this optimizer was built without "
-            "buffers=; pass buffers=model to load them"
+            f"the state dict has buffer shadows ({sorted(names)[:5]}) but this optimizer was built "
+            "without buffers=; pass buffers=model to load them"
         )
     if counters is None:
         raise ValueError("the state dict has buffer shadows but no EMA counters")
@@ -292,9 +299,8 @@ def _checked_shadow(k: Any, name: str, p: Tensor, value: Any) -> Tensor:
     where = f"state[{k!r}][{name!r}]"
     if not isinstance(value, Tensor) or not _shadows.is_float(value) or value.is_complex() != p.is_complex():
         kind = f"{value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(
-            f"{where} must be a {'complex' if p.is_complex() else 'real'} floating tensor like its param, got a {kind}"
-        )
+        like = "complex" if p.is_complex() else "real"
+        raise ValueError(f"{where} must be a {like} floating tensor like its param, got a {kind}")
     if value.is_meta:
         raise ValueError(f"{where} is a meta tensor: it holds no values")
     if value.shape != p.shape:
@@ -314,7 +320,9 @@ def _check_inner_state(k: Any, p: Tensor, saved: Mapping, current: Mapping) -> N
     if current and given:
         missing = current.keys() - given.keys()
         if missing:
-            raise ValueError(f"state[{k!r}] lacks the keys {sorted(map(str, missing))} of this optimizer's state")
+            raise ValueError(
+                f"state[{k!r}] lacks the keys {sorted(map(str, missing))} of this optimizer's state"
+            )
     for kk, v in given.items():
         cur = current.get(kk)
         if kk in SCALARS and not _is_number(v):

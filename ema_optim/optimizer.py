@@ -135,7 +135,9 @@ class EMAOptimizer(Optimizer):
         if not isinstance(bias_correction, bool):
             raise TypeError(f"bias_correction must be a bool, got {type(bias_correction).__name__}")
         if ema_dtype is not None and not (isinstance(ema_dtype, torch.dtype) and ema_dtype.is_floating_point):
-            raise TypeError(f"ema_dtype must be a floating torch.dtype such as torch.float32, got {ema_dtype!r}")
+            raise TypeError(
+                f"ema_dtype must be a floating torch.dtype such as torch.float32, got {ema_dtype!r}"
+            )
         device = _shadows.check_device(ema_device)
         if buffers is not None and not isinstance(buffers, torch.nn.Module):
             raise TypeError(
@@ -217,7 +219,8 @@ class EMAOptimizer(Optimizer):
 
     def __repr__(self) -> str:
         return (
-            f"EMAOptimizer(decay={_plan.describe(self._timing.decays)}, update_after_step={self.update_after_step}, "
+            f"EMAOptimizer(decay={_plan.describe(self._timing.decays)}, "
+            f"update_after_step={self.update_after_step}, "
             f"update_every={self.update_every}, bias_correction={self.bias_correction}, "
             f"ema_dtype={self.ema_dtype}, ema_device={self.ema_device},\n  {self.optimizer!r})"
         )
@@ -427,7 +430,9 @@ class EMAOptimizer(Optimizer):
         """
         rt, inner = self._rt, self.optimizer
         if rt.swapped is not None:
-            raise RuntimeError("load_state_dict() cannot run inside swap_ema_weights(); leave the block first")
+            raise RuntimeError(
+                "load_state_dict() cannot run inside swap_ema_weights(); leave the block first"
+            )
         rt.offload.wait()
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
@@ -443,7 +448,10 @@ class EMAOptimizer(Optimizer):
             held = {}
             if plan.buffer_shadows:
                 assert buffers is not None  # check() takes buffer shadows only for this optimizer's buffers
-                held = {k: self._spec.make(buffers[_shadows.split_buffer_key(k)[1]], v) for k, v in plan.buffer_shadows.items()}
+                held = {
+                    k: self._spec.make(buffers[_shadows.split_buffer_key(k)[1]], v)
+                    for k, v in plan.buffer_shadows.items()
+                }
         except Exception as e:
             raise ValueError(f"could not make a shadow from the state dict: {e!r}") from e
         _state_dict.load_inner(inner, plan.inner)
