@@ -36,10 +36,15 @@ def tests(folder: pathlib.Path) -> None:
             continue
         suite = root if root.tag == "testsuite" else root.find("testsuite")
         a = suite.attrib
-        print(f"{name}: {a.get('tests')} tests, {a.get('failures')} failed, {a.get('errors')} errors, {a.get('skipped')} skipped")
+        print(
+            f"{name}: {a.get('tests')} tests, {a.get('failures')} failed, "
+            f"{a.get('errors')} errors, {a.get('skipped')} skipped"
+        )
         for case in suite.iter("testcase"):
             for bad in list(case.findall("failure")) + list(case.findall("error")):
-                print(f"   FAIL {case.get('classname')}::{case.get('name')}: {(bad.get('message') or '')[:150]}")
+                print(
+                    f"   FAIL {case.get('classname')}::{case.get('name')}: {(bad.get('message') or '')[:150]}"
+                )
 
 
 def cases(folder: pathlib.Path) -> None:
@@ -63,7 +68,9 @@ def cases(folder: pathlib.Path) -> None:
         if target is not None:
             line += f"  target >= {target:.0%}: " + ("reached" if frac >= target else "NOT reached")
         if res["case"] == "small-10k":
-            line += f"  target <= {SMALL_MS} ms: " + ("reached" if ours["seconds"] * 1e3 <= SMALL_MS else "NOT reached")
+            line += f"  target <= {SMALL_MS} ms: " + (
+                "reached" if ours["seconds"] * 1e3 <= SMALL_MS else "NOT reached"
+            )
         print(line)
 
 
@@ -74,10 +81,16 @@ def offload(folder: pathlib.Path) -> None:
             continue
         ms = ", ".join(f"{k} {v:.2f}" for k, v in res["ms_per_step"].items())
         hidden = res["hidden"]
-        verdict = "-" if hidden is None else f"{hidden:.0%} hidden (target >= {HIDDEN:.0%}: " + (
-            "reached)" if hidden >= HIDDEN else "NOT reached)"
+        verdict = (
+            "-"
+            if hidden is None
+            else f"{hidden:.0%} hidden (target >= {HIDDEN:.0%}: "
+            + ("reached)" if hidden >= HIDDEN else "NOT reached)")
         )
-        print(f"{name}: {res['params'] / 1e6:.0f}M params, update_every {res['args']['every']}: {ms} ms/step; {verdict}")
+        print(
+            f"{name}: {res['params'] / 1e6:.0f}M params, update_every {res['args']['every']}: "
+            f"{ms} ms/step; {verdict}"
+        )
 
 
 def extras(folder: pathlib.Path) -> None:
@@ -85,7 +98,10 @@ def extras(folder: pathlib.Path) -> None:
     if res is None:
         return
     for name, v in res.get("host", {}).get("verdicts", {}).items():
-        print(f"host {name}: {v['host_few'] * 1e6:.0f} -> {v['host_many'] * 1e6:.0f} us, calls x{v['x_calls']:.2f}, flat: {v['flat']}")
+        print(
+            f"host {name}: {v['host_few'] * 1e6:.0f} -> {v['host_many'] * 1e6:.0f} us, "
+            f"calls x{v['x_calls']:.2f}, flat: {v['flat']}"
+        )
     for label, v in res.get("swa", {}).items():
         row = v["rows"][v["acceptance_row"]]
         print(f"swa {label}: {v['acceptance_row']} {row['x_swa']:.2f}x swa_utils")

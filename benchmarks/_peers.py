@@ -59,7 +59,9 @@ class Case:
 
     def update_bytes(self) -> int:
         """Read shadow + write shadow + read param: 12 B/param fp32, 10 B/param bf16 -> fp32."""
-        return sum((2 * (4 if self.mixed else p.element_size()) + p.element_size()) * p.numel() for p in self.params)
+        return sum(
+            (2 * (4 if self.mixed else p.element_size()) + p.element_size()) * p.numel() for p in self.params
+        )
 
 
 class Skip(Exception):

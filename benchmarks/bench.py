@@ -46,13 +46,29 @@ _HERE = pathlib.Path(__file__).resolve().parent
 sys.path[:0] = [str(_HERE.parent), str(_HERE)]  # this checkout's ema_optim, and the helpers here
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 import _peers  # noqa: E402
-from _peers import PEERS, REFERENCES, Case, Method, ParamList, build, ema_optim_step, peer_method  # noqa: E402
-from _peers import transformer_shapes  # noqa: E402
+from _peers import (  # noqa: E402
+    PEERS,
+    REFERENCES,
+    Case,
+    Method,
+    ParamList,
+    build,
+    ema_optim_step,
+    peer_method,
+    transformer_shapes,
+)
 from _report import Col, mb, ms, print_table, ratio  # noqa: E402
-from _timing import device_info, interleaved, median, paired, temp_bytes, tensor_bytes, use_clock  # noqa: E402
+from _timing import (  # noqa: E402
+    device_info,
+    interleaved,
+    median,
+    paired,
+    temp_bytes,
+    tensor_bytes,
+    use_clock,
+)
 
 
 def n_of(n: int, numel: int) -> tuple[tuple[int, ...], ...]:
@@ -73,13 +89,19 @@ FP32, BF16 = torch.float32, torch.bfloat16
 CASES = [
     CaseSpec("large", n_of(4, 4 << 20), FP32, ("cpu",), "4 x 4M fp32", train=True),
     CaseSpec("small", n_of(2000, 4096), FP32, ("cpu",), "2,000 x 4096 fp32"),
-    CaseSpec("transformer", transformer_shapes(4), FP32, ("cpu",), "TransformerEncoder d512 x4 shapes, fp32", True),
+    CaseSpec(
+        "transformer", transformer_shapes(4), FP32, ("cpu",), "TransformerEncoder d512 x4 shapes, fp32", True
+    ),
     CaseSpec("bf16", n_of(4, 4 << 20), BF16, ("cpu",), "4 x 4M bf16, fp32 shadows"),
-    CaseSpec("bf16-transformer", transformer_shapes(4), BF16, ("cpu",), "TransformerEncoder d512 x4 shapes, bf16"),
+    CaseSpec(
+        "bf16-transformer", transformer_shapes(4), BF16, ("cpu",), "TransformerEncoder d512 x4 shapes, bf16"
+    ),
     CaseSpec("large-16M", n_of(4, 16 << 20), FP32, ("full",), "4 x 16M fp32"),
     CaseSpec("small-10k", n_of(10_000, 4096), FP32, ("full", "cuda"), "10,000 x 4096 fp32"),
     CaseSpec("gpu-1b", n_of(200, 5_000_000), FP32, ("cuda",), "1B params fp32 in 200 tensors"),
-    CaseSpec("gpu-bf16", n_of(200, 2_500_000), BF16, ("cuda",), "500M params bf16 in 200 tensors, fp32 shadows"),
+    CaseSpec(
+        "gpu-bf16", n_of(200, 2_500_000), BF16, ("cuda",), "500M params bf16 in 200 tensors, fp32 shadows"
+    ),
     CaseSpec("quick-large", n_of(4, 1 << 16), FP32, ("quick",), "4 x 64K fp32", train=True),
     CaseSpec("quick-small", n_of(300, 256), FP32, ("quick",), "300 x 256 fp32"),
     CaseSpec("quick-bf16", n_of(4, 1 << 16), BF16, ("quick",), "4 x 64K bf16, fp32 shadows"),
@@ -187,7 +209,12 @@ def bench_train(case: Case, device: torch.device, rounds: int) -> dict:
         rows[name] = {"seconds": median(s), "overhead_seconds": extra, "overhead": extra / base}
     for p in case.params:
         p.grad = None
-    return {"case": case.name, "describe": case.describe, "inner": f"AdamW(foreach={foreach})", "methods": rows}
+    return {
+        "case": case.name,
+        "describe": case.describe,
+        "inner": f"AdamW(foreach={foreach})",
+        "methods": rows,
+    }
 
 
 # ------------------------------------------------------------------------------ output
@@ -203,13 +230,18 @@ CASE_COLS = [
 ]
 PEAK_COLS = [mb("peak MB", "peak_bytes")]
 NOTE_COLS = [Col("note", "note", width=1)]
-TRAIN_COLS = [ms("ms/step", "seconds", ".2f"), ms("EMA ms", "overhead_seconds", ".2f"), Col("overhead", "overhead", ".1%")]
+TRAIN_COLS = [
+    ms("ms/step", "seconds", ".2f"),
+    ms("EMA ms", "overhead_seconds", ".2f"),
+    Col("overhead", "overhead", ".1%"),
+]
 
 
 def print_case(res: dict, device: torch.device) -> None:
     title = (
         f"{res['case']}: {res['describe']} ({res['tensors']:,} tensors, {res['numel'] / 1e6:.1f}M elements); "
-        f"moves {res['bytes_moved'] / 1e6:.0f} MB/update; copy bandwidth {res['copy_bandwidth'] / 1e9:.1f} GB/s "
+        f"moves {res['bytes_moved'] / 1e6:.0f} MB/update; "
+        f"copy bandwidth {res['copy_bandwidth'] / 1e9:.1f} GB/s "
         f"-> floor {res['floor_seconds'] * 1e3:.2f} ms; best peer: {res['best_peer']}"
     )
     cols = CASE_COLS + (PEAK_COLS if device.type == "cuda" else []) + NOTE_COLS
@@ -217,7 +249,9 @@ def print_case(res: dict, device: torch.device) -> None:
 
 
 def print_train(res: dict) -> None:
-    print_table(f"training step: {res['case']} ({res['describe']}), inner {res['inner']}", res["methods"], TRAIN_COLS)
+    print_table(
+        f"training step: {res['case']} ({res['describe']}), inner {res['inner']}", res["methods"], TRAIN_COLS
+    )
 
 
 def goals(results: list[dict]) -> list[str]:
@@ -236,7 +270,9 @@ def goals(results: list[dict]) -> list[str]:
 
 
 def run_updates(device: torch.device, args: argparse.Namespace, rounds: int) -> dict:
-    sets = ["quick"] if args.quick else (["cuda"] if device.type == "cuda" else ["cpu"] + (["full"] * args.full))
+    sets = (
+        ["quick"] if args.quick else (["cuda"] if device.type == "cuda" else ["cpu"] + (["full"] * args.full))
+    )
     out: dict[str, Any] = {"cases": [], "train": []}
     for spec in select(args.cases, sets):
         case = make_case(spec, device)
@@ -278,14 +314,22 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--cases", nargs="*", default=None, help=" ".join(BY_NAME))
-    parser.add_argument("--suites", nargs="*", default=["updates", "host", "swa", "shadows"], help=" ".join(SUITES))
-    parser.add_argument("--full", action="store_true", help="also the bigger CPU shapes (4 x 16M, 10,000 x 4096)")
+    parser.add_argument(
+        "--suites", nargs="*", default=["updates", "host", "swa", "shadows"], help=" ".join(SUITES)
+    )
+    parser.add_argument(
+        "--full", action="store_true", help="also the bigger CPU shapes (4 x 16M, 10,000 x 4096)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny shapes and few rounds: a smoke test")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 11 CPU, 21 CUDA)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="interleaved rounds (default 11 CPU, 21 CUDA)"
+    )
     parser.add_argument("--no-train", action="store_true", help="skip the training-step overhead")
     parser.add_argument("--candidates", action="store_true", help="only the kernel fast-path candidates")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="wall time, or the process's CPU time")
+    parser.add_argument(
+        "--clock", default="wall", choices=["wall", "cpu"], help="wall time, or the process's CPU time"
+    )
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
     args = parser.parse_args(argv)
     if args.threads:
@@ -301,8 +345,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if unknown:
         raise SystemExit(f"unknown suite(s) {unknown}; known: {', '.join(SUITES)}")
     _peers.quarantine_torchvision()
-    info = {**device_info(device), "clock": args.clock if device.type == "cpu" else "wall", "notes": dict(_peers.IMPORT_NOTES)}
-    print(f"# {info['device']} ({device.type}, {info['threads']} threads), torch {info['torch']}, {info['date']}, {info['clock']} clock")
+    info = {
+        **device_info(device),
+        "clock": args.clock if device.type == "cpu" else "wall",
+        "notes": dict(_peers.IMPORT_NOTES),
+    }
+    print(
+        f"# {info['device']} ({device.type}, {info['threads']} threads), torch {info['torch']}, "
+        f"{info['date']}, {info['clock']} clock"
+    )
     for note in info["notes"].values():
         print(f"# note: {note}")
     out: dict[str, Any] = {"info": info}

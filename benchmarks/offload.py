@@ -36,8 +36,8 @@ sys.path[:0] = [str(_HERE.parent), str(_HERE)]  # this checkout's ema_optim, and
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from ema_optim import EMAOptimizer  # noqa: E402
 from _timing import device_info, interleaved, median  # noqa: E402
+from ema_optim import EMAOptimizer  # noqa: E402
 
 MODES = ["plain", "on-device", "offload", "offload-sync"]
 

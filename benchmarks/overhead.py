@@ -13,8 +13,9 @@ per interleaved round, median over rounds, where "the EMA kernel alone" is one
 run for fp32). The inner step and the kernel are timed back to back as one block, so that
 they see the caches as the wrapped step does. ``q25..q75`` shows the rounds' spread: a
 difference inside it is noise. ``min-min`` is min(wrapped) - min(inner + kernel) over the
-rounds: load on a shared machine only adds time, so the minima are steadier than medians. ``calls/step`` counts the Python and C function calls the
-wrapper adds to the inner step (``sys.setprofile``): noise-free, it shows host work that
+rounds: load on a shared machine only adds time, so the minima are steadier than medians.
+``calls/step`` counts the Python and C function calls the wrapper adds to the inner step
+(``sys.setprofile``): noise-free, it shows host work that
 grows with the param count even when the timing cannot. SPEC: in steady state this work
 does not grow with the number of params.
 
@@ -118,7 +119,10 @@ def run_host(device: torch.device, quick: bool = False, rounds: int = 11) -> dic
     rounds = rounds if quick else max(rounds, 300)
     rows = {f"{name} x {n:,}": host_row(n, name, device, rounds) for name in INNERS for n in counts}
     print_table(
-        "host overhead: wrapped step - (inner step; the lerp kernel alone), small params", rows, HOST_COLS, label="inner x params"
+        "host overhead: wrapped step - (inner step; the lerp kernel alone), small params",
+        rows,
+        HOST_COLS,
+        label="inner x params",
     )
     verdicts = {}
     for name in INNERS:
@@ -187,15 +191,25 @@ def run_swa(device: torch.device, quick: bool = False, rounds: int = 11) -> dict
     for label, (n, numel, dtype) in (QUICK_SWA_SHAPES if quick else SWA_SHAPES).items():
         fns = swa_fns(n, numel, dtype, device)
         s = interleaved(fns, device, rounds if quick else max(rounds, 21))
-        rows = {name: {"seconds": paired(s[name], s["inner"])} for name in ("swa_utils ema fn", "AveragedModel")}
+        rows = {
+            name: {"seconds": paired(s[name], s["inner"])} for name in ("swa_utils ema fn", "AveragedModel")
+        }
         for name in [k for k in fns if k.startswith("ema_optim") and not k.endswith("/inner")]:
-            rows[name] = {"seconds": paired(s[name], s[name + "/inner"]), "inner_seconds": median(s[name + "/inner"])}
+            rows[name] = {
+                "seconds": paired(s[name], s[name + "/inner"]),
+                "inner_seconds": median(s[name + "/inner"]),
+            }
         swa, avg = rows["swa_utils ema fn"]["seconds"], rows["AveragedModel"]["seconds"]
         for row in rows.values():
             row.update(x_swa=row["seconds"] / swa, x_avg=row["seconds"] / avg)
-        print_table(f"EMA cost vs swa_utils: {label} (step - inner SGD(lr=0) step, same inner)", rows, SWA_COLS)
+        print_table(
+            f"EMA cost vs swa_utils: {label} (step - inner SGD(lr=0) step, same inner)", rows, SWA_COLS
+        )
         ours = "ema_optim" if "ema_optim" in rows else "ema_optim (ema_dtype=bf16)"
         x = rows[ours]["x_swa"]
-        print(f"   {ours}: {x:.2f}x swa_utils' foreach EMA: " + ("within 1.10x" if x <= SWA_BAR else "NOT within 1.10x"))
+        print(
+            f"   {ours}: {x:.2f}x swa_utils' foreach EMA: "
+            + ("within 1.10x" if x <= SWA_BAR else "NOT within 1.10x")
+        )
         out[label] = {"rows": rows, "acceptance_row": ours, "within_bar": x <= SWA_BAR}
     return out

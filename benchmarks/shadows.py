@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from _peers import Case, ParamList, build, ema_optim_step
-from _report import Col, mb, ms, print_table, ratio
+from _report import mb, ms, print_table, ratio
 from _timing import cuda_peak_bytes, interleaved, paired, temp_bytes, tensor_bytes
 
 DECAYS = (0.999, 0.9999, 0.99999)
@@ -63,11 +63,16 @@ def run(device: torch.device, quick: bool = False, rounds: int = 11) -> dict:
             one = one or rows[name]["seconds"]
             rows[name]["x_one"] = rows[name]["seconds"] / one
         cols = [ms("ms/update", "seconds"), ratio("x 1 shadow", "x_one"), mb("shadow MB", "shadow_bytes")]
-        cols += [mb("alloc MB/step", "alloc_bytes")] + ([mb("peak MB", "peak_bytes")] if device.type == "cuda" else [])
+        cols += [mb("alloc MB/step", "alloc_bytes")] + (
+            [mb("peak MB", "peak_bytes")] if device.type == "cuda" else []
+        )
         print_table(f"shadows: {label} ({dtype})", rows, cols, label="shadows")
         two = rows.get("2 shadows", {}).get("x_one")
         bar = 2.0 if dtype != torch.float32 else BAR_TWO
         if two is not None:
-            print(f"   2 shadows / 1: {two:.2f}x (bar: {'< 2' if bar == 2.0 else '<= 2.1'}): " + ("met" if two <= bar else "NOT met"))
+            print(
+                f"   2 shadows / 1: {two:.2f}x (bar: {'< 2' if bar == 2.0 else '<= 2.1'}): "
+                + ("met" if two <= bar else "NOT met")
+            )
         out[label] = {"rows": rows, "two_over_one": two}
     return out

@@ -197,11 +197,12 @@ def _lerp_in_pieces_(ss: tuple[Tensor, ...], p: Tensor, weights: Sequence[Weight
             s.lerp_(moved, w)
         return
     size = scratch.numel()
+    flat_ss = [dense_flat(s) for s in ss]
     for offset, p_piece in zip(range(0, p.numel(), size), pieces(p, size)):
         moved = scratch.narrow(0, 0, p_piece.numel())
         moved.copy_(p_piece)
-        for s, w in zip(ss, weights):
-            flat(s).narrow(0, offset, p_piece.numel()).lerp_(moved, w)
+        for s_flat, w in zip(flat_ss, weights):
+            s_flat.narrow(0, offset, p_piece.numel()).lerp_(moved, w)
 
 
 def flat(t: Tensor) -> Optional[Tensor]:
@@ -217,6 +218,13 @@ def flat(t: Tensor) -> Optional[Tensor]:
     return t.as_strided((t.numel(),), (1,))
 
 
+def dense_flat(t: Tensor) -> Tensor:
+    """:func:`flat` of a tensor known to be dense (its elements fill one block of memory)."""
+    whole = flat(t)
+    assert whole is not None, "expected a dense tensor"
+    return whole
+
+
 def same_layout(a: Tensor, b: Tensor) -> bool:
     """Element i of flat(a) and of flat(b) are the same logical element."""
     return a.shape == b.shape and (a.stride() == b.stride() or a.is_contiguous() and b.is_contiguous())
@@ -225,5 +233,5 @@ def same_layout(a: Tensor, b: Tensor) -> bool:
 def pieces(t: Tensor, size: Optional[int] = None) -> list[Tensor]:
     """Consecutive pieces of at most ``size`` (default CHUNK) elements of a dense tensor, in memory order."""
     size = size or CHUNK
-    whole = flat(t)
+    whole = dense_flat(t)
     return list(whole.split(size)) if whole.numel() > size else [whole]

@@ -18,7 +18,7 @@ only the fold runs in the background.
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Optional, Sequence
+from typing import Optional, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -47,8 +47,9 @@ class Offload:
         for g, s in zip(groups, staged):
             self._stage(g.params, s.params, events)
         if weights is not None and isinstance(weights[0], Tensor):  # own copies: the caller may refill them
-            hosts = [torch.empty((), dtype=w.dtype, pin_memory=w.is_cuda) for w in weights]
-            self._stage(list(weights), hosts, events, temporary=True)
+            tensors = cast(Sequence[Tensor], weights)  # a step's weights are all floats or all tensors
+            hosts = [torch.empty((), dtype=w.dtype, pin_memory=w.is_cuda) for w in tensors]
+            self._stage(list(tensors), hosts, events, temporary=True)
             weights = hosts
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ema_optim")

@@ -86,7 +86,9 @@ def check_decays(decay: Any) -> tuple[Decay, ...]:
     """``decay`` as given to the optimizer (one, or a non-empty tuple/list) as a tuple, checked."""
     decays = tuple(decay) if isinstance(decay, (tuple, list)) else (decay,)
     if not decays:
-        raise ValueError("decay must not be an empty sequence; pass one decay per shadow, e.g. (0.999, 0.9999)")
+        raise ValueError(
+            "decay must not be an empty sequence; pass one decay per shadow, e.g. (0.999, 0.9999)"
+        )
     for i, d in enumerate(decays):
         _check_decay(d, f"decay[{i}]" if isinstance(decay, (tuple, list)) else "decay")
     return decays
@@ -99,7 +101,7 @@ def _check_decay(decay: Any, name: str) -> None:
         raise TypeError(
             f"{name} must be a float in [0, 1] or a schedule t -> float, got {type(decay).__name__}"
         )
-    if math.isnan(decay) or not 0.0 <= decay <= 1.0:
+    if math.isnan(decay) or not 0.0 <= float(decay) <= 1.0:
         raise ValueError(
             f"{name} must be in [0, 1], got {decay}; for a half-life of h updates use schedules.half_life(h)"
         )

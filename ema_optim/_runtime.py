@@ -82,6 +82,7 @@ class Runtime:
         elif torch.compiler.is_compiling():
             weights = self.weights(groups[0].shadows[0][0].device)
         else:  # eager: a Python float is a kernel argument, the fastest form and sync-free
+            assert self.plan is not None  # begin() made it; commit() clears it after this update
             weights = self.plan.weights
         here = [g for g in groups if g.staged is None]
         try:
@@ -94,7 +95,8 @@ class Runtime:
             raise RuntimeError(
                 "the EMA update failed after the inner step ran (a param changed its shape or dtype "
                 "after its shadow was made? e.g. p.data = ...); the counters did not advance, some "
-                f"shadows may be updated, and the next step() checks every shadow before it changes anything: {e}"
+                "shadows may be updated, and the next step() checks every shadow before it changes "
+                f"anything: {e}"
             ) from e
         offloaded = [g for g in groups if g.staged is not None]
         if offloaded:  # ema_device: in the background, behind the next step (see _offload.py)
@@ -104,16 +106,20 @@ class Runtime:
     def weights(self, device: torch.device) -> list[Tensor]:
         """This step's weights in cached 0-dim tensors, filled in place outside any compiled
         graph: a compiled step takes them as inputs, so a changing decay is data, not a guard."""
+        assert self.plan is not None, "weights() is for a step in progress (between begin and commit)"
         values = self.plan.weights
         cached = self.weight_tensors
         if len(cached) != len(values) or cached[0].device != device:
-            cached = self.weight_tensors = [torch.zeros((), dtype=torch.float64, device=device) for _ in values]
+            cached = self.weight_tensors = [
+                torch.zeros((), dtype=torch.float64, device=device) for _ in values
+            ]
         for w, value in zip(cached, values):
             w.fill_(value)
         return cached
 
     @torch.compiler.disable
     def commit(self) -> None:
+        assert self.plan is not None, "commit() without begin()"
         self.counters, self.plan = self.plan.counters, None
 
 
@@ -130,7 +136,8 @@ def inner_step(inner: Optimizer, args: tuple) -> Any:
         patched = None
     if patched is not None or not getattr(step, "hooked", False):  # another patch, or unhooked
         return inner.step(*args)
-    call_args, kwargs = (inner, *args), {}
+    call_args = (inner, *args)
+    kwargs: dict[str, Any] = {}
     with torch.autograd.profiler.record_function(f"Optimizer.step#{type(inner).__name__}.step"):
         for pre_hook in list(inner._optimizer_step_pre_hooks.values()):
             result = pre_hook(inner, call_args, kwargs)

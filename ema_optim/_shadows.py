@@ -9,7 +9,9 @@ step does no per-parameter Python work.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -41,7 +43,9 @@ def is_param_key(name: Any) -> bool:
 
 def is_key(name: Any) -> bool:
     """Any shadow key: a param's (``"ema"``, ``"ema_1"``) or a buffer's (``"ema:bn.running_mean"``)."""
-    return is_param_key(name) or (isinstance(name, str) and is_param_key(name.split(":", 1)[0]) and ":" in name)
+    return is_param_key(name) or (
+        isinstance(name, str) and is_param_key(name.split(":", 1)[0]) and ":" in name
+    )
 
 
 def split_buffer_key(name: str) -> tuple[str, str]:
@@ -77,11 +81,12 @@ def averaged(param_groups: Sequence[dict]) -> list[Tensor]:
     return out
 
 
-def enabled(group: dict, i: int) -> bool:
+def enabled(group: Mapping, i: int) -> bool:
     flag = group.get(ENABLE, True)
     if not isinstance(flag, bool):
         raise ValueError(
-            f"param group {i} has 'ema': {flag!r}; it must be True or False (False keeps the group out of the EMA)"
+            f"param group {i} has 'ema': {flag!r}; it must be True or False "
+            "(False keeps the group out of the EMA)"
         )
     return flag
 
@@ -90,7 +95,8 @@ def is_float(t: Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 
 
-class Spec(NamedTuple):
+@dataclass(frozen=True)
+class Spec:
     """How shadows are made: their count, dtype rule and device."""
 
     count: int
@@ -154,8 +160,9 @@ class Buffers:
         for name, owner, local in self.entries:
             buf = owner._buffers.get(local)
             if not isinstance(buf, Tensor) or not buf.is_floating_point():
+                now = type(buf).__name__ if buf is None else buf.dtype
                 raise ValueError(
-                    f"the averaged buffer {name!r} is now {type(buf).__name__ if buf is None else buf.dtype}; "
+                    f"the averaged buffer {name!r} is now {now}; "
                     "it must stay a floating-point tensor (buffers are chosen when the optimizer is built)"
                 )
             out.append(buf)
@@ -194,7 +201,11 @@ class Layout:
     param groups. :meth:`fresh` tells in O(groups) whether that view still holds."""
 
     def __init__(self, param_groups: list[dict], state: dict, spec: Spec, buffers: Optional[Buffers]) -> None:
-        self._seen = (param_groups, state, [(g, g["params"], len(g["params"]), g.get(ENABLE, True)) for g in param_groups])
+        self._seen = (
+            param_groups,
+            state,
+            [(g, g["params"], len(g["params"]), g.get(ENABLE, True)) for g in param_groups],
+        )
         names = keys(spec.count)
         self.params = averaged(param_groups)
         self.buffers = buffers
@@ -211,14 +222,15 @@ class Layout:
             have = state.get(p, {})
             for name in names:
                 if name in have:
-                    _check_pair(have[name], p, name, lambda p=p: _where(param_groups, p))
+                    _check_pair(have[name], p, name, partial(_where, param_groups, p))
         self._state, self._names, self._spec = state, names, spec
         self._gather_buffer_shadows()
-        for k in range(len(names) if buffers is not None else 0):
-            held = self.buffer_shadows(k)
-            for n, t in zip(self.buffers.names, self.buffer_tensors):
-                if n in held:
-                    _check_buffer_pair(held[n], t, n, buffer_key(k, n))
+        if buffers is not None:
+            for k in range(len(names)):
+                held = self.buffer_shadows(k)
+                for n, t in zip(buffers.names, self.buffer_tensors):
+                    if n in held:
+                        _check_buffer_pair(held[n], t, n, buffer_key(k, n))
         self.groups: list[_kernels.Group] = []
         self._regroup()
 
@@ -243,7 +255,9 @@ class Layout:
         if self.buffers is None:
             return [], []
         columns = [self.buffer_shadows(k) for k in range(len(self._names))]
-        ready = [(n, t) for n, t in zip(self.buffers.names, self.buffer_tensors) if all(n in c for c in columns)]
+        ready = [
+            (n, t) for n, t in zip(self.buffers.names, self.buffer_tensors) if all(n in c for c in columns)
+        ]
         return [[c[n] for c in columns] for n, _ in ready], [t for _, t in ready]
 
     def _regroup(self) -> None:
@@ -251,18 +265,25 @@ class Layout:
         columns = [[self._state[p][n] for n in self._names] for p in ready]
         buffer_columns, buffers = self._buffer_pairs()
         self.groups = _kernels.group_pairs(columns + buffer_columns, ready + buffers)
-        self._reps = [(g.params[0], g.params[0].dtype, g.params[0].shape, g.params[0].device) for g in self.groups]
+        self._reps = [
+            (g.params[0], g.params[0].dtype, g.params[0].shape, g.params[0].device) for g in self.groups
+        ]
 
     def fresh(self, param_groups: list[dict], state: dict) -> bool:
         groups0, state0, seen = self._seen
         if param_groups is not groups0 or state is not state0 or len(param_groups) != len(seen):
             return False
         for g, (g0, params0, n0, flag0) in zip(param_groups, seen):
-            if g is not g0 or g["params"] is not params0 or len(params0) != n0 or g.get(ENABLE, True) != flag0:
+            if (
+                g is not g0
+                or g["params"] is not params0
+                or len(params0) != n0
+                or g.get(ENABLE, True) != flag0
+            ):
                 return False
         if self.buffers is not None and not self.buffers.unchanged(self.buffer_tensors):
             return False
-        if self._anchor_trained and not self.anchor.requires_grad:
+        if self._anchor_trained and self.anchor is not None and not self.anchor.requires_grad:
             return False  # DCP's loader skips the state of frozen params: move the buffer shadows
         # a model converted as a whole (model.half(), model.to(device)) shows in every group
         return all(p.dtype == dt and p.shape == shape and p.device == dev for p, dt, shape, dev in self._reps)
@@ -284,6 +305,7 @@ class Layout:
                 if buffer_key(k, n) not in held
             }
             if made:
+                assert self.anchor is not None  # buffers with names need one (checked in __init__)
                 self.missing.setdefault(self.anchor, {}).update(made)
 
     def adopt_missing(self) -> bool:
@@ -304,7 +326,9 @@ class Layout:
         if self.buffers is None:
             return params
         shadows = self.buffer_shadows(k)
-        return params + [(t, shadows[n]) for n, t in zip(self.buffers.names, self.buffer_tensors) if n in shadows]
+        return params + [
+            (t, shadows[n]) for n, t in zip(self.buffers.names, self.buffer_tensors) if n in shadows
+        ]
 
 
 def _check_buffer_pair(shadow: Any, buf: Tensor, name: str, shadow_key: str) -> None:

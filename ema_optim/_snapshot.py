@@ -9,6 +9,7 @@ from torch import Tensor
 
 VERSION = 1
 
+
 def _power_shadows(opt: Any) -> list[tuple[int, float]]:
     """``(k, gamma)`` of each shadow of ``opt`` whose decay is a :func:`schedules.power` schedule."""
     decays = opt.decay if isinstance(opt.decay, (tuple, list)) else (opt.decay,)
@@ -81,10 +82,11 @@ def snapshot(opt: Any, model: Optional[torch.nn.Module] = None, dtype: Optional[
     power = _power_shadows(opt)
     sd = opt.state_dict()
     names = _param_names(opt, model)
-    shadows = []
+    shadows: list[dict[Union[int, str], Tensor]] = []
     for k, _ in power:
         key = "ema" if k == 0 else f"ema_{k}"
-        found, buffers = {}, {}
+        found: dict[Union[int, str], Tensor] = {}  # by param name or index
+        buffers: dict[Union[int, str], Tensor] = {}  # a buffer's shadows, by buffer name
         for i, s in sd["state"].items():
             for name, value in s.items() if isinstance(s, Mapping) else ():
                 if name == key:

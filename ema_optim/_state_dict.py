@@ -104,7 +104,11 @@ def check(
 
 
 def _buffer_shadows_of(
-    saved_state: Mapping, id_map: dict[Any, Tensor], buffers: Optional[dict[str, Tensor]], n: int, counters: Any
+    saved_state: Mapping,
+    id_map: dict[Any, Tensor],
+    buffers: Optional[dict[str, Tensor]],
+    n: int,
+    counters: Any,
 ) -> dict[str, Tensor]:
     """The saved buffer shadows (wherever a param's state holds them), checked against the
     optimizer's buffers: all of them for every shadow, or none (a dict saved without buffers)."""
@@ -119,13 +123,16 @@ def _buffer_shadows_of(
         return {}
     names = {_shadows.split_buffer_key(kk)[1] for kk in found}
     ours = set(buffers or ())
+    if names != ours and ours:
+        raise ValueError(
+            f"the state dict has shadows for the buffers {sorted(names - ours)[:5]} that this optimizer "
+            f"does not average, and none for {sorted(ours - names)[:5]}; build the optimizer with the "
+            "same buffers= module"
+        )
     if names != ours:
         raise ValueError(
-            f"the state dict has shadows for the buffers {sorted(names - ours)[:5]} that this optimizer does not "
-            f"average, and none for {sorted(ours - names)[:5]}; build the optimizer with the same buffers= module"
-            if ours
-            else f"the state dict has buffer shadows ({sorted(names)[:5]}) but this optimizer was built without "
-            "buffers=; pass buffers=model to load them"
+            f"the state dict has buffer shadows ({sorted(names)[:5]}) but this optimizer was built "
+            "without buffers=; pass buffers=model to load them"
         )
     if counters is None:
         raise ValueError("the state dict has buffer shadows but no EMA counters")
@@ -135,6 +142,7 @@ def _buffer_shadows_of(
             f"the state dict's buffer shadows {sorted(set(found) ^ wanted)[:5]} do not fit this optimizer's "
             f"{n} shadow(s) per buffer"
         )
+    assert buffers is not None  # its names are those of the shadows found (checked above)
     for kk, v in found.items():
         _checked_shadow("buffer", kk, buffers[_shadows.split_buffer_key(kk)[1]], v)
     return found
@@ -231,7 +239,7 @@ def _group_counters(i: int, group: Mapping, n: int) -> Optional[Counters]:
     if updates > steps:
         raise ValueError(f"{where} {UPDATES}={updates} > {STEPS}={steps}: more EMA updates than steps")
     for name, v in zip(wanted[2:], prods):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= v <= 1.0:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= float(v) <= 1.0:
             raise ValueError(f"{where} {name}={v!r}; it must be a float in [0, 1]")
         if updates == 0 and v != 1.0:  # the product of no decays
             raise ValueError(f"{where} {name}={v!r} but {UPDATES}=0: with no update it must be 1.0")
@@ -291,9 +299,8 @@ def _checked_shadow(k: Any, name: str, p: Tensor, value: Any) -> Tensor:
     where = f"state[{k!r}][{name!r}]"
     if not isinstance(value, Tensor) or not _shadows.is_float(value) or value.is_complex() != p.is_complex():
         kind = f"{value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(
-            f"{where} must be a {'complex' if p.is_complex() else 'real'} floating tensor like its param, got a {kind}"
-        )
+        like = "complex" if p.is_complex() else "real"
+        raise ValueError(f"{where} must be a {like} floating tensor like its param, got a {kind}")
     if value.is_meta:
         raise ValueError(f"{where} is a meta tensor: it holds no values")
     if value.shape != p.shape:
@@ -313,7 +320,9 @@ def _check_inner_state(k: Any, p: Tensor, saved: Mapping, current: Mapping) -> N
     if current and given:
         missing = current.keys() - given.keys()
         if missing:
-            raise ValueError(f"state[{k!r}] lacks the keys {sorted(map(str, missing))} of this optimizer's state")
+            raise ValueError(
+                f"state[{k!r}] lacks the keys {sorted(map(str, missing))} of this optimizer's state"
+            )
     for kk, v in given.items():
         cur = current.get(kk)
         if kk in SCALARS and not _is_number(v):

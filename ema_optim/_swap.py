@@ -202,6 +202,7 @@ class Record:
             self.p.data = self.data  # its pieces (views of this data) still hold the swap
         if self.method == "copy":
             if self.done:
+                assert self.stash is not None  # apply() stashed the data before it set done
                 self.data.copy_(self.stash)
             return
         kernel = SWAP_KERNELS[self.method][1]

@@ -16,6 +16,10 @@ from ._runtime import Runtime as _Runtime
 
 __all__ = ["EMAOptimizer"]
 
+# What torch.amp.GradScaler sets on the optimizer it steps when _step_supports_amp_scaling is
+# true (and deletes after the step); forwarded to the inner optimizer.
+_GRAD_SCALE, _FOUND_INF = "grad_scale", "found_inf"
+
 
 class EMAOptimizer(Optimizer):
     r"""Wraps any optimizer and keeps an exponential moving average (EMA) of the weights.
@@ -131,7 +135,9 @@ class EMAOptimizer(Optimizer):
         if not isinstance(bias_correction, bool):
             raise TypeError(f"bias_correction must be a bool, got {type(bias_correction).__name__}")
         if ema_dtype is not None and not (isinstance(ema_dtype, torch.dtype) and ema_dtype.is_floating_point):
-            raise TypeError(f"ema_dtype must be a floating torch.dtype such as torch.float32, got {ema_dtype!r}")
+            raise TypeError(
+                f"ema_dtype must be a floating torch.dtype such as torch.float32, got {ema_dtype!r}"
+            )
         device = _shadows.check_device(ema_device)
         if buffers is not None and not isinstance(buffers, torch.nn.Module):
             raise TypeError(
@@ -163,7 +169,7 @@ class EMAOptimizer(Optimizer):
     # inner.load_state_dict() gave it new ones. Reading ``state`` first waits for an
     # offloaded update, so a shadow read or edited through it is current.
 
-    @property  # type: ignore[override]
+    @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self.optimizer.param_groups
 
@@ -172,7 +178,7 @@ class EMAOptimizer(Optimizer):
         if getattr(self, "optimizer", None) is not None:  # ignored in the base __init__
             self.optimizer.param_groups = value
 
-    @property  # type: ignore[override]
+    @property
     def state(self) -> DefaultDict[Any, Any]:
         self._rt.offload.wait()
         return self.optimizer.state
@@ -182,7 +188,7 @@ class EMAOptimizer(Optimizer):
         if getattr(self, "optimizer", None) is not None:
             self.optimizer.state = value
 
-    @property  # type: ignore[override]
+    @property
     def defaults(self) -> dict[str, Any]:
         return self.optimizer.defaults
 
@@ -213,7 +219,8 @@ class EMAOptimizer(Optimizer):
 
     def __repr__(self) -> str:
         return (
-            f"EMAOptimizer(decay={_plan.describe(self._timing.decays)}, update_after_step={self.update_after_step}, "
+            f"EMAOptimizer(decay={_plan.describe(self._timing.decays)}, "
+            f"update_after_step={self.update_after_step}, "
             f"update_every={self.update_every}, bias_correction={self.bias_correction}, "
             f"ema_dtype={self.ema_dtype}, ema_device={self.ema_device},\n  {self.optimizer!r})"
         )
@@ -224,7 +231,7 @@ class EMAOptimizer(Optimizer):
         new.__dict__.update(self.__dict__)
         return new
 
-    def __getstate__(self) -> dict[str, Any]:  # type: ignore[override]
+    def __getstate__(self) -> dict[str, Any]:
         # Like Optimizer.__getstate__, leave out what is tied to this instance: an LR
         # scheduler's patched `step` (it refers to this object), hooks and caches.
         self._rt.offload.wait()
@@ -244,7 +251,7 @@ class EMAOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ step
 
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """Run the inner optimizer's step, then update the shadows.
 
         Returns:
@@ -271,16 +278,17 @@ class EMAOptimizer(Optimizer):
         """
         rt = self._rt
         action = rt.begin(self.optimizer, self._timing, self._spec, self._buffers)
-        found_inf = getattr(self, "found_inf", None)
-        forwarded = self._step_supports_amp_scaling and hasattr(self, "grad_scale")
+        found_inf = getattr(self, _FOUND_INF, None)
+        forwarded = self._step_supports_amp_scaling and hasattr(self, _GRAD_SCALE)
         if forwarded:  # GradScaler with a scale-aware inner optimizer
-            self.optimizer.grad_scale = self.grad_scale
-            self.optimizer.found_inf = found_inf
+            setattr(self.optimizer, _GRAD_SCALE, getattr(self, _GRAD_SCALE))
+            setattr(self.optimizer, _FOUND_INF, found_inf)
         try:
             loss = _runtime.inner_step(self.optimizer, () if closure is None else (closure,))
         finally:
             if forwarded:
-                del self.optimizer.grad_scale, self.optimizer.found_inf
+                delattr(self.optimizer, _GRAD_SCALE)
+                delattr(self.optimizer, _FOUND_INF)
         rt.adopt(self.optimizer, self._spec.count)
         with torch.no_grad():
             rt.update(action, found_inf if forwarded else None)
@@ -422,7 +430,9 @@ class EMAOptimizer(Optimizer):
         """
         rt, inner = self._rt, self.optimizer
         if rt.swapped is not None:
-            raise RuntimeError("load_state_dict() cannot run inside swap_ema_weights(); leave the block first")
+            raise RuntimeError(
+                "load_state_dict() cannot run inside swap_ema_weights(); leave the block first"
+            )
         rt.offload.wait()
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
@@ -435,7 +445,13 @@ class EMAOptimizer(Optimizer):
         plan = _state_dict.check(state_dict, inner.param_groups, inner.state, self._spec.count, buffers)
         try:  # the new shadows first, so that nothing has changed if one cannot be made
             shadows = {p: {k: self._spec.make(p, v) for k, v in s.items()} for p, s in plan.shadows.items()}
-            held = {k: self._spec.make(buffers[_shadows.split_buffer_key(k)[1]], v) for k, v in plan.buffer_shadows.items()}
+            held = {}
+            if plan.buffer_shadows:
+                assert buffers is not None  # check() takes buffer shadows only for this optimizer's buffers
+                held = {
+                    k: self._spec.make(buffers[_shadows.split_buffer_key(k)[1]], v)
+                    for k, v in plan.buffer_shadows.items()
+                }
         except Exception as e:
             raise ValueError(f"could not make a shadow from the state dict: {e!r}") from e
         _state_dict.load_inner(inner, plan.inner)
@@ -456,7 +472,9 @@ class EMAOptimizer(Optimizer):
         for p, s in shadows.items():
             _shadows.install(inner.state, p, s)
         if held:
-            _shadows.install(inner.state, _shadows.anchor(_shadows.averaged(inner.param_groups)), held)
+            anchor = _shadows.anchor(_shadows.averaged(inner.param_groups))
+            assert anchor is not None, "buffer shadows need an averaged param to hold them"
+            _shadows.install(inner.state, anchor, held)
         rt.counters = plan.counters or _plan.Counters.start(self._spec.count)
         rt.layout = None
         _state_dict.publish(inner.param_groups, inner.state, self._spec.count)

@@ -195,10 +195,10 @@ def solve(
         >>> tuple(x.shape), round(float(x.sum()), 12)
         ((3, 1), 1.0)
     """
-    t_in, gamma_in = _profiles("t_in", t_in, gamma_in)
-    t_out, gamma_out = _profiles("t_out", t_out, gamma_out)
-    a = _inner_products(t_in, gamma_in, t_in, gamma_in)
-    b = _inner_products(t_in, gamma_in, t_out, gamma_out)
+    t_i, g_i = _profiles("t_in", t_in, gamma_in)
+    t_o, g_o = _profiles("t_out", t_out, gamma_out)
+    a = _inner_products(t_i, g_i, t_i, g_i)
+    b = _inner_products(t_i, g_i, t_o, g_o)
     try:
         x = torch.linalg.solve(a, b)
     except torch.linalg.LinAlgError as err:
@@ -235,12 +235,13 @@ def _header(snap: Mapping[str, Any], where: str) -> tuple[int, list[float], list
     t, gammas, shadows = snap.get("ema_updates"), snap.get("gamma"), snap.get("shadows")
     if isinstance(t, bool) or not isinstance(t, int) or t < 0:
         raise ValueError(f"{where}: 'ema_updates' must be an int >= 0, got {t!r}")
-    ok = (
-        isinstance(gammas, (list, tuple))
-        and isinstance(shadows, (list, tuple))
-        and len(gammas) == len(shadows)
-    )
-    if not ok or not gammas or not all(isinstance(s, Mapping) for s in shadows):
+    if (
+        not isinstance(gammas, (list, tuple))
+        or not isinstance(shadows, (list, tuple))
+        or len(gammas) != len(shadows)
+        or not gammas
+        or not all(isinstance(s, Mapping) for s in shadows)
+    ):
         raise ValueError(f"{where}: 'gamma' and 'shadows' must be lists of the same non-zero length")
     keys = list(shadows[0])
     if any(set(s) != set(keys) for s in shadows):

@@ -209,6 +209,7 @@ def power(gamma: float | None = None, *, sigma_rel: float | None = None) -> Sche
             "pass exactly one of gamma (>= 0) or sigma_rel (in (0, 12 ** -0.5]), e.g. power(sigma_rel=0.05)"
         )
     if gamma is None:
+        assert sigma_rel is not None  # exactly one of the two was given (checked above)
         gamma = sigma_rel_to_gamma(sigma_rel)
         sigma_rel = float(sigma_rel)  # as given, not recomputed from the rounded gamma
     else:

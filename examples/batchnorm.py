@@ -65,7 +65,9 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, tensors: dict[str, Tensor] 
     return 100.0 * (logits.argmax(1) == y).float().mean().item()
 
 
-def evaluate(model: nn.Module, opt: EMAOptimizer, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor]) -> list[float]:
+def evaluate(
+    model: nn.Module, opt: EMAOptimizer, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor]
+) -> list[float]:
     """Validation accuracy (%): online, EMA with live / averaged / update_bn statistics."""
     online = accuracy(model, *val)
     # EMA weights with the live statistics: the shadows read from the optimizer state,

@@ -695,7 +695,7 @@ def test_docs_example_runs_and_is_the_documented_code(tmp_path):
     assert lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1], lines
 
 
-# ------------------------------------------------------------------------------------ BatchNorm buffers through DCP
+# ---------------------------------------------------------------------- BatchNorm buffers through DCP
 
 
 def make_bn_model() -> nn.Sequential:
@@ -719,7 +719,12 @@ def new_bn_run(world: int = 0):
 
 def buffer_shadows(opt: EMAOptimizer) -> dict[str, torch.Tensor]:
     """{buffer name: shadow}, wherever the optimizer state keeps them."""
-    found = {k.split(":", 1)[1]: v for s in opt.state.values() for k, v in s.items() if isinstance(k, str) and ":" in k}
+    found = {
+        k.split(":", 1)[1]: v
+        for s in opt.state.values()
+        for k, v in s.items()
+        if isinstance(k, str) and ":" in k
+    }
     assert sorted(found) == sorted(BN_BUFFERS), sorted(found)
     return found
 

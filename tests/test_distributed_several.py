@@ -22,7 +22,9 @@ def new_run(world: int = 0):
     if world:
         model = fsdp2(model, world)
     decay = (schedules.warmup(0.9), schedules.power(gamma=3.0))
-    return model, EMAOptimizer(torch.optim.AdamW(model.parameters(), lr=0.05), decay=decay, bias_correction=True)
+    return model, EMAOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=0.05), decay=decay, bias_correction=True
+    )
 
 
 def train(model, opt, steps) -> None:
@@ -47,7 +49,10 @@ def state(model, opt, flat):
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     options = dcp_options(flat)
-    return {"model": get_model_state_dict(model, options=options), "optim": get_optimizer_state_dict(model, opt, options=options)}
+    return {
+        "model": get_model_state_dict(model, options=options),
+        "optim": get_optimizer_state_dict(model, opt, options=options),
+    }
 
 
 def save(model, opt, path: Path, flat: bool) -> None:
@@ -95,4 +100,6 @@ def test_two_shadows_through_dcp_with_resharding(tmp_path):
         load(model, opt, tmp_path / f"two-{flat}", flat)
         assert_same(snapshot(model, opt), mid, f"saved on 2 ranks, loaded on 1, flat={flat}")
         train(model, opt, range(N, 2 * N))
-        assert_same(snapshot(model, opt), torch.load(tmp_path / "ref.pt")["end"], f"resumed on 1, flat={flat}")
+        assert_same(
+            snapshot(model, opt), torch.load(tmp_path / "ref.pt")["end"], f"resumed on 1, flat={flat}"
+        )

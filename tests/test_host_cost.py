@@ -59,7 +59,9 @@ def own_calls(make_inner, n, frozen=0, **kwargs) -> int:
 
 
 @pytest.mark.parametrize("inner", INNERS)
-@pytest.mark.parametrize("kwargs", [{}, {"decay": (0.9, 0.99)}, {"update_every": 2}], ids=["one", "two", "every2"])
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"decay": (0.9, 0.99)}, {"update_every": 2}], ids=["one", "two", "every2"]
+)
 def test_wrapper_calls_per_step_do_not_grow_with_the_param_count(inner, kwargs):
     counts = [own_calls(INNERS[inner], n, **kwargs) for n in (10, 100, 1000)]
     assert counts[0] == counts[1] == counts[2], counts

@@ -291,7 +291,9 @@ def test_param_changes_between_steps(change, outcome):
     if outcome == REFUSED:
         before = snapshot(opt, params)
         with pytest.raises(
-            ValueError, match=r"param \d+ of param group \d+ \(shape \(7,\)\) has a shadow state\[p\]\['ema'\] of shape \(2,\)"
+            ValueError,
+            match=r"param \d+ of param group \d+ \(shape \(7,\)\) has a shadow "
+            r"state\[p\]\['ema'\] of shape \(2,\)",
         ):
             _step(model, opt)
         assert snapshot(opt, params) == before  # refused before the inner step: no training

@@ -84,11 +84,15 @@ def test_a_bad_value_from_any_schedule_changes_nothing():
 def test_swap_index_outside_the_shadows_raises_and_changes_nothing(index):
     model, opt = make()
     train(model, opt, 2)
-    before = [bits(p) for p in model.parameters()] + [bits(s) for s in opt.state[next(model.parameters())].values()]
+    before = [bits(p) for p in model.parameters()] + [
+        bits(s) for s in opt.state[next(model.parameters())].values()
+    ]
     with pytest.raises(IndexError, match="3 shadow"):
         with opt.swap_ema_weights(index):
             pass  # pragma: no cover
-    after = [bits(p) for p in model.parameters()] + [bits(s) for s in opt.state[next(model.parameters())].values()]
+    after = [bits(p) for p in model.parameters()] + [
+        bits(s) for s in opt.state[next(model.parameters())].values()
+    ]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert opt._rt.swapped is None
     with pytest.raises(TypeError):
@@ -147,7 +151,9 @@ def test_bf16_params_are_cast_once_per_chunk_for_all_shadows(monkeypatch):
         opt.step()
         seen = []
         real = torch._foreach_copy_
-        monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src, **kw: (seen.append(len(dst)), real(dst, src, **kw)))
+        monkeypatch.setattr(
+            torch, "_foreach_copy_", lambda dst, src, **kw: (seen.append(len(dst)), real(dst, src, **kw))
+        )
         opt.step()
         monkeypatch.setattr(torch, "_foreach_copy_", real)
         return seen
