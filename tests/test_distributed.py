@@ -802,6 +802,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@gloo_fsdp2_averages
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_dcp_batchnorm_buffer_shadows_with_resharding(tmp_path, one_thread):
     # Uninterrupted single-process run, checkpointed half-way (both layouts), against the reference.

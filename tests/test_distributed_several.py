@@ -11,7 +11,17 @@ import torch
 
 from ema_optim import EMAOptimizer, schedules
 
-from .test_distributed import N, batch, dcp_options, fsdp2, full, make_model, spawn, train_step
+from .test_distributed import (
+    N,
+    batch,
+    dcp_options,
+    fsdp2,
+    full,
+    gloo_fsdp2_averages,
+    make_model,
+    spawn,
+    train_step,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 KEYS = ("ema", "ema_1")
@@ -85,6 +95,7 @@ def _worker(rank: int, world: int, tmp: Path) -> None:
         save(model, opt, tmp / f"two-{flat}", flat)
 
 
+@gloo_fsdp2_averages
 def test_two_shadows_through_dcp_with_resharding(tmp_path):
     model, opt = new_run()
     train(model, opt, range(N))
