@@ -10,13 +10,14 @@ compiled step reuses one graph whatever the decay.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import _kernels, _offload, _plan, _shadows, _state_dict, _swap
+from . import _kernels, _load_check, _offload, _plan, _shadows, _state_dict, _swap
 
 
 class Runtime:
@@ -121,6 +122,51 @@ class Runtime:
     def commit(self) -> None:
         assert self.plan is not None, "commit() without begin()"
         self.counters, self.plan = self.plan.counters, None
+
+    def load(
+        self,
+        inner: Optimizer,
+        spec: _shadows.Spec,
+        buffers: Optional[dict[str, Tensor]],
+        plan: _load_check.LoadPlan,
+    ) -> None:
+        """Apply a checked state dict: make the new shadows (a failure changes nothing), load
+        the inner optimizer's part (put back as it was if that fails), then install."""
+        try:  # the new shadows first, so that nothing has changed if one cannot be made
+            shadows = {p: {k: spec.make(p, v) for k, v in s.items()} for p, s in plan.shadows.items()}
+            held = {}
+            if plan.buffer_shadows:
+                assert buffers is not None  # check() accepts buffer shadows only for our buffers
+                held = {
+                    k: spec.make(buffers[_shadows.split_buffer_key(k)[1]], v)
+                    for k, v in plan.buffer_shadows.items()
+                }
+        except Exception as e:
+            raise ValueError(f"could not make a shadow from the state dict: {e!r}") from e
+        _state_dict.load_inner(inner, plan.inner)
+        if plan.counters is None:
+            warnings.warn(
+                "loaded a state dict without EMA shadows (a plain inner-optimizer state dict?): "
+                "the EMA restarts from the current weights at the next step",
+                UserWarning,
+                stacklevel=3,
+            )
+        if plan.counters is not None and buffers and not held:
+            warnings.warn(
+                "loaded a state dict without buffer shadows (saved without buffers=?): the buffers' EMA "
+                "restarts from the current buffers at the next step",
+                UserWarning,
+                stacklevel=3,
+            )
+        for p, s in shadows.items():
+            _shadows.install(inner.state, p, s)
+        if held:
+            anchor = _shadows.anchor(_shadows.averaged(inner.param_groups))
+            assert anchor is not None, "buffer shadows need an averaged param to hold them"
+            _shadows.install(inner.state, anchor, held)
+        self.counters = plan.counters or _plan.Counters.start(spec.count)
+        self.layout = None
+        _state_dict.publish(inner.param_groups, inner.state, spec.count)
 
 
 def inner_step(inner: Optimizer, args: tuple) -> Any:

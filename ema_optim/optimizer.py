@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Mapping
 from typing import Any, Callable, DefaultDict, Iterator, Optional, Sequence, Union
 
 import torch
 from torch.optim import Optimizer
 
-from . import _plan, _runtime, _shadows, _state_dict, _swap
+from . import _load_check, _plan, _runtime, _shadows, _state_dict, _swap
 from ._plan import Decay
 from ._runtime import Runtime as _Runtime
 
@@ -442,41 +441,7 @@ class EMAOptimizer(Optimizer):
             if result is not None:
                 state_dict = result
         buffers = dict(zip(self._buffers.names, self._buffers.tensors())) if self._buffers else None
-        plan = _state_dict.check(state_dict, inner.param_groups, inner.state, self._spec.count, buffers)
-        try:  # the new shadows first, so that nothing has changed if one cannot be made
-            shadows = {p: {k: self._spec.make(p, v) for k, v in s.items()} for p, s in plan.shadows.items()}
-            held = {}
-            if plan.buffer_shadows:
-                assert buffers is not None  # check() takes buffer shadows only for this optimizer's buffers
-                held = {
-                    k: self._spec.make(buffers[_shadows.split_buffer_key(k)[1]], v)
-                    for k, v in plan.buffer_shadows.items()
-                }
-        except Exception as e:
-            raise ValueError(f"could not make a shadow from the state dict: {e!r}") from e
-        _state_dict.load_inner(inner, plan.inner)
-        if plan.counters is None:
-            warnings.warn(
-                "loaded a state dict without EMA shadows (a plain inner-optimizer state dict?): "
-                "the EMA restarts from the current weights at the next step",
-                UserWarning,
-                stacklevel=2,
-            )
-        if plan.counters is not None and buffers and not held:
-            warnings.warn(
-                "loaded a state dict without buffer shadows (saved without buffers=?): the buffers' EMA "
-                "restarts from the current buffers at the next step",
-                UserWarning,
-                stacklevel=2,
-            )
-        for p, s in shadows.items():
-            _shadows.install(inner.state, p, s)
-        if held:
-            anchor = _shadows.anchor(_shadows.averaged(inner.param_groups))
-            assert anchor is not None, "buffer shadows need an averaged param to hold them"
-            _shadows.install(inner.state, anchor, held)
-        rt.counters = plan.counters or _plan.Counters.start(self._spec.count)
-        rt.layout = None
-        _state_dict.publish(inner.param_groups, inner.state, self._spec.count)
+        plan = _load_check.check(state_dict, inner.param_groups, inner.state, self._spec.count, buffers)
+        rt.load(inner, self._spec, buffers, plan)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
