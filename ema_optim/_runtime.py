@@ -143,7 +143,6 @@ class Runtime:
                 }
         except Exception as e:
             raise ValueError(f"could not make a shadow from the state dict: {e!r}") from e
-        _state_dict.load_inner(inner, plan.inner)
         if plan.counters is None:
             warnings.warn(
                 "loaded a state dict without EMA shadows (a plain inner-optimizer state dict?): "
@@ -158,6 +157,7 @@ class Runtime:
                 UserWarning,
                 stacklevel=3,
             )
+        _state_dict.load_inner(inner, plan.inner)  # warnings first: one raised as an error changes nothing
         for p, s in shadows.items():
             _shadows.install(inner.state, p, s)
         if held:

@@ -224,7 +224,7 @@ class Layout:
                 if name in have:
                     _check_pair(have[name], p, name, partial(_where, param_groups, p))
         self._state, self._names, self._spec = state, names, spec
-        self._gather_buffer_shadows()
+        self._gather_buffer_shadows(param_groups)
         if buffers is not None:
             for k in range(len(names)):
                 held = self.buffer_shadows(k)
@@ -234,11 +234,12 @@ class Layout:
         self.groups: list[_kernels.Group] = []
         self._regroup()
 
-    def _gather_buffer_shadows(self) -> None:
-        """Move buffer shadows kept by another param (the anchor changed) to the anchor."""
+    def _gather_buffer_shadows(self, param_groups: list[dict]) -> None:
+        """Move buffer shadows kept by another param (the anchor changed: frozen, or its group
+        left the EMA) to the anchor."""
         if self.anchor is None:
             return
-        for p in self.params:
+        for p in {id(q): q for g in param_groups for q in g["params"]}.values():
             here = self._state.get(p, {})
             if p is not self.anchor and any(":" in k and is_key(k) for k in here):
                 moved = {k: here.pop(k) for k in [k for k in here if ":" in k and is_key(k)]}

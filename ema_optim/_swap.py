@@ -197,6 +197,17 @@ class Record:
             kernel(s_piece, p_piece)
             self.done += 1
 
+    def ema(self) -> Tensor:
+        """The EMA this shadow stands for while swapped, as a new tensor; nothing is touched
+        (the undo runs on copies), so the block's own changes to the model stay."""
+        if self.method == "copy":
+            return self.shadow.detach().clone()
+        shadow, data = self.shadow.detach().clone(), self.data.detach().clone()
+        kernel = SWAP_KERNELS[self.method][1]
+        for s_piece, p_piece in swap_pieces(shadow, data)[: self.done]:
+            kernel(s_piece, p_piece)
+        return shadow
+
     def undo(self) -> None:
         if not _same_tensor(self.p.data, self.data):
             self.p.data = self.data  # its pieces (views of this data) still hold the swap

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any, Callable, DefaultDict, Iterator, Optional, Sequence, Union
 
 import torch
+from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _load_check, _plan, _runtime, _shadows, _state_dict, _swap
@@ -72,7 +73,8 @@ class EMAOptimizer(Optimizer):
             name, with the same timing, weights and dtype rule; integer buffers stay live.
 
     Notes: edit a shadow in place (``opt.state[p]["ema"].copy_(...)``) or through
-    ``load_state_dict``; assigning a new tensor to ``opt.state[p]["ema"]`` is not picked up.
+    ``load_state_dict``; assigning a new tensor to ``opt.state[p]["ema"]``, or removing it, is
+    not picked up (except to drop a stale shadow that ``step()`` refused).
     Global step hooks (``torch.optim.optimizer.register_optimizer_step_pre_hook``) run once
     per ``step()``, with the wrapper; hooks registered on the inner optimizer still run.
 
@@ -385,21 +387,7 @@ class EMAOptimizer(Optimizer):
         dtype); the EMA counters are plain ints/floats in each param group that has
         shadows. Inside ``swap_ema_weights()`` the same values are returned (as copies).
         """
-        rt = self._rt
-        rt.offload.wait()
-        if rt.swapped is None:
-            return self._state_dict()
-        index = rt.swapped_index
-        self._swap_out()
-        try:
-            sd = self._state_dict()
-            for i, s in sd["state"].items():
-                sd["state"][i] = {k: v.clone() if _shadows.is_key(k) else v for k, v in s.items()}
-        finally:
-            self._swap_in(index)
-        return sd
-
-    def _state_dict(self) -> dict[str, Any]:
+        self._rt.offload.wait()
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         # The inner's own layout and hooks: the shadows are in the shared state, and the
@@ -407,6 +395,11 @@ class EMAOptimizer(Optimizer):
         inner = self.optimizer
         _state_dict.publish(inner.param_groups, inner.state, self._spec.count)
         sd = _state_dict.to_saved(inner.state_dict(), inner.param_groups, self._rt.counters)
+        if self._rt.swapped is not None:  # the swapped shadows hold bookkeeping: give their EMA
+            ema = {id(r.shadow): r.ema() for r in self._rt.swapped}
+            for i, s in sd["state"].items():
+                if isinstance(s, dict):
+                    sd["state"][i] = {k: _inside_swap(k, v, ema) for k, v in s.items()}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
             if result is not None:
@@ -445,3 +438,11 @@ class EMAOptimizer(Optimizer):
         rt.load(inner, self._spec, buffers, plan)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def _inside_swap(key: Any, value: Any, ema: dict[int, Tensor]) -> Any:
+    """A state entry as :meth:`EMAOptimizer.state_dict` gives it inside the swap: shadows as
+    copies, the swapped ones as the EMA they stand for."""
+    if not (_shadows.is_key(key) and isinstance(value, Tensor)):
+        return value
+    return ema[id(value)] if id(value) in ema else value.clone()
