@@ -15,7 +15,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 DEMO_EXTRAS ?= dev
-TEST_EXTRAS ?= dev,plot,lightning,accelerate,transformers,peft
+TEST_EXTRAS ?= dev,plot,lightning,accelerate,transformers,peft,qlora
 BENCH_EXTRAS ?= dev,bench
 COMPAT_VENV ?= $(VENV)-$(subst ==,-,$(subst $() ,,$(TORCH_PIN)))
 COMPAT_PY := $(COMPAT_VENV)/bin/python
