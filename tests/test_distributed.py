@@ -58,8 +58,11 @@ def _entry(rank: int, fn, world_size: int, port: int, args: tuple) -> None:
     try:
         fn(rank, world_size, *args)
         dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Both ranks are done (the barrier): leave without destroy_process_group, which with
+    # torch 2.7.1 hangs now and then (about 1 run in 5 of the tensor-parallel test, in gloo).
     _exit_now()
 
 
