@@ -3,7 +3,8 @@
 The optimizer is built from the trainable params only, so the EMA covers exactly the adapters.
 Shadows are checked against the float64 reference in tests/reference.py; merged exports against
 a float64 forward written from the LoRA/DoRA formulas. Skips cleanly without
-``pip install "ema_optim[peft]"``; the 4-bit test also needs bitsandbytes (``ema_optim[qlora]``). CPU, a few seconds.
+``pip install "ema_optim[peft]"``; the 4-bit test also needs bitsandbytes
+(``ema_optim[qlora]``). CPU, a few seconds.
 """
 
 from __future__ import annotations
