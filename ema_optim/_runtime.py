@@ -68,9 +68,10 @@ class Runtime:
 
     def update(self, action: str, found_inf: Optional[Tensor]) -> None:
         """The EMA update of every shadow (traced by torch.compile)."""
-        if action == "skip" or self.layout is None or not self.layout.groups:
+        layout = self.layout
+        if action == "skip" or layout is None or not layout.groups:
             return
-        groups = self.layout.groups
+        groups = layout.groups
         weights: Optional[Sequence[_kernels.Weight]]
         if found_inf is not None:
             # A skipped (inf/NaN) step is only known on the device: weight it to zero there
@@ -85,12 +86,11 @@ class Runtime:
         else:  # eager: a Python float is a kernel argument, the fastest form and sync-free
             assert self.plan is not None  # begin() made it; commit() clears it after this update
             weights = self.plan.weights
-        here = [g for g in groups if g.staged is None]
         try:
             if weights is None:
-                _kernels.copy_(here)
+                _kernels.copy_(layout.here)
             else:
-                _kernels.lerp_(here, weights)
+                _kernels.lerp_(layout.here, weights)
         except RuntimeError as e:
             self.layout = None  # rebuilt, and every shadow checked, at the next step
             raise RuntimeError(
@@ -99,9 +99,8 @@ class Runtime:
                 "shadows may be updated, and the next step() checks every shadow before it changes "
                 f"anything: {e}"
             ) from e
-        offloaded = [g for g in groups if g.staged is not None]
-        if offloaded:  # ema_device: in the background, behind the next step (see _offload.py)
-            self.offload.launch(offloaded, weights)
+        if layout.offloaded:  # ema_device: in the background, behind the next step (_offload.py)
+            self.offload.launch(layout.offloaded, weights)
 
     @torch.compiler.disable
     def weights(self, device: torch.device) -> list[Tensor]:

@@ -232,6 +232,8 @@ class Layout:
                     if n in held:
                         _check_buffer_pair(held[n], t, n, buffer_key(k, n))
         self.groups: list[_kernels.Group] = []
+        self.here: list[_kernels.Group] = []
+        self.offloaded: list[_kernels.Group] = []
         self._regroup()
 
     def _gather_buffer_shadows(self, param_groups: list[dict]) -> None:
@@ -266,6 +268,9 @@ class Layout:
         columns = [[self._state[p][n] for n in self._names] for p in ready]
         buffer_columns, buffers = self._buffer_pairs()
         self.groups = _kernels.group_pairs(columns + buffer_columns, ready + buffers)
+        # updated on the device now, and offloaded to the background pipeline (ema_device)
+        self.here = [g for g in self.groups if g.staged is None]
+        self.offloaded = [g for g in self.groups if g.staged is not None]
         self._reps = [
             (g.params[0], g.params[0].dtype, g.params[0].shape, g.params[0].device) for g in self.groups
         ]
