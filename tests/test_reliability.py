@@ -29,7 +29,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from ema_optim import EMAOptimizer, _kernels, _offload
+from ema_optim import EMAOptimizer
+
+from .test_offload import force_offload, gate  # noqa: F401 - fixtures used by held_fold
 
 FP32, BF16, FP16 = torch.float32, torch.bfloat16, torch.float16
 
@@ -723,19 +725,9 @@ def test_hostile_state_dict_is_refused_and_changes_nothing(into, mutate, error, 
 
 
 @pytest.fixture
-def held_fold(monkeypatch):
-    monkeypatch.setattr(_kernels, "offloaded", lambda shadow_device, param_device: True)
-    gate = threading.Event()
-    gate.set()
-    fold = _offload._fold
-
-    def held(*args):
-        assert gate.wait(timeout=30), "the gate never opened"
-        fold(*args)
-
-    monkeypatch.setattr(_offload, "_fold", held)
-    yield gate
-    gate.set()
+def held_fold(force_offload, gate):  # noqa: F811 - the fixtures imported above
+    """The offload pipeline forced on CPU, its folds held while the gate is closed."""
+    return gate
 
 
 def _read(opt, p):
