@@ -154,12 +154,28 @@ def lerp_(groups: Sequence[Group], weights: Sequence[Weight]) -> None:
     ``torch.compile``, or when the weight depends on device values such as GradScaler's
     ``found_inf``); neither form syncs.
     """
+    traced = torch.compiler.is_compiling()
     for g in groups:
-        if g.casts is not None:
+        if traced:
+            _traced_lerp_(g, weights)
+        elif g.casts is not None:
             _cast_lerp_(g.casts, weights)
         else:
             for column, w in zip(g.shadows, weights):
                 _foreach_lerp_(column, g.params, w)
+
+
+def _traced_lerp_(g: Group, weights: Sequence[Weight]) -> None:
+    # Under torch.compile, the plain form: Inductor lowers it to pointwise code that it fuses
+    # with the inner optimizer's update (one kernel, each weight read once). The cast of
+    # low-precision params happens in registers, so there is no scratch; a 0-dim tensor weight
+    # goes in through the Scalar overload, which is decomposed (no host read). The List overload
+    # with tensor weights has no lowering: it would run as an ATen fallback into new buffers,
+    # followed by copies back into the shadows.
+    dtype = g.shadows[0][0].dtype
+    ends = g.params if g.params[0].dtype == dtype else [p.to(dtype) for p in g.params]
+    for column, w in zip(g.shadows, weights):
+        torch._foreach_lerp_(column, ends, _weight_for(w, column[0]))  # type: ignore[arg-type]
 
 
 def _weight_for(weight: Weight, like: Tensor) -> Weight:

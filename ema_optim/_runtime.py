@@ -1,21 +1,30 @@
-"""The mutable side of one EMAOptimizer: counters, the cached layout, the step in progress,
-the swap records and the offload pipeline, and the bookkeeping of one ``step()``.
+"""The mutable side of one EMAOptimizer (counters, the cached layout, the step in progress,
+the swap records, the offload pipeline) and the three parts of one ``step()``.
+
+A step is a host prologue (:meth:`Runtime.begin`), one body that a compiler can trace whole
+(the inner optimizer's update, then the EMA update: :func:`fused_step`), and a host epilogue
+(:meth:`Runtime.end`). Every host decision (the plan, the layout, new shadows, the counters)
+sits in the prologue or the epilogue, which ``torch.compile`` does not trace
+(``torch.compiler.disable``): neither the counters nor a changing decay become guards, and
+nothing breaks the graph between the two updates. A step that must install new shadows
+between them (the first one, or one after the params or groups changed) runs in parts instead
+(:func:`inner_step`, :meth:`Runtime.adopt`, :meth:`Runtime.update`).
 
 It is one object so that proxies that copy the optimizer's ``__dict__`` (Lightning's
 ``LightningOptimizer``) and ``copy.copy`` share it: a step, swap or load through any of them
-is seen by all. The host-side parts of a step are kept out of ``torch.compile``
-(``torch.compiler.disable``) so that neither the counters nor the weights become guards: a
-compiled step reuses one graph whatever the decay.
+is seen by all.
 """
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+import torch._dynamo
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import _use_grad_for_differentiable
 
 from . import _kernels, _load_check, _offload, _plan, _shadows, _state_dict, _swap
 
@@ -29,7 +38,8 @@ class Runtime:
         self.swapped_index = 0
         self.swapped_buffers: list[Tensor] = []  # the averaged buffers when the swap began
         self.offload = _offload.Offload()  # the update in flight for offloaded shadows
-        self.weight_tensors: list[Tensor] = []  # this step's weights as 0-dim tensors (compile)
+        self.weights: Sequence[_kernels.Weight] = ()  # this step's lerp weights (begin to end)
+        self.weight_tensors: list[Tensor] = []  # the 0-dim tensors they are kept in under compile
 
     def current_layout(
         self, inner: Optimizer, spec: _shadows.Spec, buffers: Optional[_shadows.Buffers]
@@ -42,10 +52,21 @@ class Runtime:
 
     @torch.compiler.disable
     def begin(
-        self, inner: Optimizer, timing: _plan.Timing, spec: _shadows.Spec, buffers: Optional[_shadows.Buffers]
-    ) -> str:
-        """Everything decided before the inner step, on the host; a failure changes nothing.
-        Returns the step's action; the plan is kept for :meth:`weights` and :meth:`commit`."""
+        self,
+        inner: Optimizer,
+        timing: _plan.Timing,
+        spec: _shadows.Spec,
+        buffers: Optional[_shadows.Buffers],
+        compiling: bool,
+    ) -> Optional[Callable[..., Any]]:
+        """The host prologue: everything decided before the inner update. A failure changes
+        nothing. Keeps the plan and this step's weights for :meth:`update` and :meth:`end`.
+
+        Returns the inner optimizer's undecorated update when this step can run as one traced
+        body (:func:`fused_step`); None when it runs in parts: new shadows must be installed
+        after the inner update (its lazily created state first), or the inner step is not
+        torch's standard wrapper.
+        """
         if self.swapped is not None:
             raise RuntimeError(
                 "step() was called inside swap_ema_weights(): the params hold the EMA weights; "
@@ -57,35 +78,28 @@ class Runtime:
         if layout.incomplete:
             layout.make_missing()  # from the weights before this step
         self.plan = step_plan
-        return step_plan.action
+        self.weights = step_plan.weights
+        if compiling and step_plan.action == "lerp" and layout.groups:
+            # A compiled body takes the weights as 0-dim tensors filled here, in place: data,
+            # not guards, so a changing decay reuses the graph.
+            self.weights = self._weight_tensors(step_plan.weights, layout.groups[0].shadows[0][0].device)
+        return None if layout.incomplete else traced_body(inner)
 
     @torch.compiler.disable
     def adopt(self, inner: Optimizer, shadows: int) -> None:
-        """After the inner step: install the shadows made by :meth:`begin` (the inner optimizer
-        has created its state by now) and name the counters where they are saved."""
+        """After the inner step (of a step run in parts): install the shadows made by
+        :meth:`begin` (the inner optimizer has created its state by now) and name the
+        counters where they are saved."""
         if self.layout is not None and self.layout.adopt_missing():
             _state_dict.publish(inner.param_groups, inner.state, shadows)
 
-    def update(self, action: str, found_inf: Optional[Tensor]) -> None:
-        """The EMA update of every shadow (traced by torch.compile)."""
-        layout = self.layout
-        if action == "skip" or layout is None or not layout.groups:
+    def update(self, found_inf: Optional[Tensor]) -> None:
+        """The EMA update of every shadow kept with its param, right after the inner update
+        (traced by torch.compile). Offloaded shadows are updated by :meth:`end`."""
+        layout, step_plan = self.layout, self.plan
+        if step_plan is None or step_plan.action == "skip" or layout is None or not layout.here:
             return
-        groups = layout.groups
-        weights: Optional[Sequence[_kernels.Weight]]
-        if found_inf is not None:
-            # A skipped (inf/NaN) step is only known on the device: weight it to zero there
-            # (computed where found_inf lives; each group takes it to its own device).
-            keep = 1.0 - found_inf.to(torch.float64).reshape(())
-            shadows = len(groups[0].shadows)
-            weights = [keep] * shadows if action == "copy" else [keep * w for w in self.weights(keep.device)]
-        elif action == "copy":
-            weights = None
-        elif torch.compiler.is_compiling():
-            weights = self.weights(groups[0].shadows[0][0].device)
-        else:  # eager: a Python float is a kernel argument, the fastest form and sync-free
-            assert self.plan is not None  # begin() made it; commit() clears it after this update
-            weights = self.plan.weights
+        weights = self._step_weights(step_plan.action, found_inf, len(layout.here[0].shadows))
         try:
             if weights is None:
                 _kernels.copy_(layout.here)
@@ -99,15 +113,30 @@ class Runtime:
                 "shadows may be updated, and the next step() checks every shadow before it changes "
                 f"anything: {e}"
             ) from e
-        if layout.offloaded:  # ema_device: in the background, behind the next step (_offload.py)
-            self.offload.launch(layout.offloaded, weights)
+
+    def _step_weights(
+        self, action: str, found_inf: Optional[Tensor], shadows: int
+    ) -> Optional[Sequence[_kernels.Weight]]:
+        """This step's lerp weight per shadow; None for a copy. With a GradScaler skip known
+        only on the device (``found_inf``), weighted to zero there, without a sync."""
+        if found_inf is None:
+            return None if action == "copy" else self.weights
+        keep = 1.0 - found_inf.to(torch.float64).reshape(())
+        return [keep] * shadows if action == "copy" else [keep * w for w in self.weights]
 
     @torch.compiler.disable
-    def weights(self, device: torch.device) -> list[Tensor]:
-        """This step's weights in cached 0-dim tensors, filled in place outside any compiled
-        graph: a compiled step takes them as inputs, so a changing decay is data, not a guard."""
-        assert self.plan is not None, "weights() is for a step in progress (between begin and commit)"
-        values = self.plan.weights
+    def end(self, found_inf: Optional[Tensor]) -> None:
+        """The host epilogue: start the update of offloaded shadows (it runs behind the next
+        step, see ``_offload``), then advance the counters."""
+        step_plan, layout = self.plan, self.layout
+        assert step_plan is not None, "end() without begin()"
+        if layout is not None and layout.offloaded and step_plan.action != "skip":
+            shadows = len(layout.offloaded[0].shadows)
+            self.offload.launch(layout.offloaded, self._step_weights(step_plan.action, found_inf, shadows))
+        self.counters, self.plan = step_plan.counters, None
+
+    def _weight_tensors(self, values: Sequence[float], device: torch.device) -> list[Tensor]:
+        """``values`` in cached 0-dim float64 tensors on ``device``, filled in place."""
         cached = self.weight_tensors
         if len(cached) != len(values) or cached[0].device != device:
             cached = self.weight_tensors = [
@@ -116,11 +145,6 @@ class Runtime:
         for w, value in zip(cached, values):
             w.fill_(value)
         return cached
-
-    @torch.compiler.disable
-    def commit(self) -> None:
-        assert self.plan is not None, "commit() without begin()"
-        self.counters, self.plan = self.plan.counters, None
 
     def load(
         self,
@@ -168,32 +192,114 @@ class Runtime:
         _state_dict.publish(inner.param_groups, inner.state, spec.count)
 
 
+# torch's standard step wrapper (``torch.optim.optimizer._use_grad_for_differentiable``),
+# known by its code: an inner step decorated with it has its undecorated update at
+# ``type(inner).step.__wrapped__.__wrapped__`` (the hooks' wrapper, then the grad-mode one).
+_USE_GRAD_CODE = _use_grad_for_differentiable(lambda self: None).__code__
+
+
+def traced_body(inner: Optimizer) -> Optional[Callable[..., Any]]:
+    """The inner optimizer's undecorated update if its step is torch's standard one (hooked by
+    ``Optimizer``, grad mode set by ``_use_grad_for_differentiable``) and not patched on the
+    instance by anything but an LR scheduler; else None."""
+    step, traceable = _class_step(inner)
+    if step is None or not traceable or _patched(inner) is not None:
+        return None
+    use_grad = getattr(step, "__wrapped__", None)
+    if getattr(use_grad, "__code__", None) is not _USE_GRAD_CODE:
+        return None
+    return getattr(use_grad, "__wrapped__", None)
+
+
+def _class_step(inner: Optimizer) -> tuple[Optional[Callable[..., Any]], bool]:
+    """The class's step as ``Optimizer`` hooked it (None if it is not hooked), and whether
+    torch.compile may trace it: Dynamo wraps the steps it does not support (LBFGS, SparseAdam)
+    in its ``disable``, a wrapper that copies the hooked step's attributes."""
+    step: Any = type(inner).step
+    traceable = True
+    while getattr(step, "_torchdynamo_disable", False) and hasattr(step, "_torchdynamo_orig_callable"):
+        step, traceable = step._torchdynamo_orig_callable, False
+    return (step if getattr(step, "hooked", False) else None), traceable
+
+
+def fused_step(inner: Optimizer, body: Callable[..., Any], args: tuple, update: Callable[[], None]) -> Any:
+    """``inner.step(*args)`` and then ``update()`` as one traced body (the EMA update right after
+    the inner one, in one graph under ``torch.compile``).
+
+    It keeps what torch's step wrapper guarantees around both updates: the profiler record
+    (``Optimizer.step#AdamW.step``), the inner optimizer's own pre hooks (which may replace the
+    arguments) and post hooks (now after the EMA update too), and the grad mode of the update
+    (``defaults["differentiable"]``; the EMA always runs without grad). Like that wrapper, it sets
+    the grad mode and breaks the graph *before* the body, so the compiler sees an inference graph
+    whose in-place updates it can fuse and run without copies; the body is its own frame
+    (:func:`_body_and_update`), so nothing breaks the graph between the two updates.
+    """
+    _mark_called(inner)
+    with torch.autograd.profiler.record_function(f"Optimizer.step#{type(inner).__name__}.step"):
+        call_args, kwargs = _pre_hooks(inner, (inner, *args), {})
+        prev = torch.is_grad_enabled()
+        try:
+            torch.set_grad_enabled(inner.defaults["differentiable"])
+            torch._dynamo.graph_break()
+            out = _body_and_update(body, call_args, kwargs, update)
+        finally:
+            torch.set_grad_enabled(prev)
+        inner._optimizer_step_code()
+        for post_hook in list(inner._optimizer_step_post_hooks.values()):
+            post_hook(inner, call_args, kwargs)
+    return out
+
+
+def _body_and_update(body: Callable[..., Any], args: tuple, kwargs: dict, update: Callable[[], None]) -> Any:
+    out = body(*args, **kwargs)
+    with torch.no_grad():  # a differentiable inner optimizer's update runs with grad; never the EMA's
+        update()
+    return out
+
+
 def inner_step(inner: Optimizer, args: tuple) -> Any:
     """``inner.step(*args)`` without the global step hooks: those run once per step, for the
     wrapper. The inner optimizer's own step hooks still run, as torch runs them (a bad return
     value of a pre hook is refused the same way), and a profiler still shows the inner step
     (``Optimizer.step#Adam.step``) inside the wrapper's."""
-    step = type(inner).step
-    patched = vars(inner).get("step")
-    if patched is not None and getattr(patched, "__wrapped__", None) is step:
-        # an LR scheduler built on the inner optimizer: its patch only marks the step as called
-        inner._opt_called = True  # type: ignore[attr-defined]
-        patched = None
-    if patched is not None or not getattr(step, "hooked", False):  # another patch, or unhooked
+    step, traceable = _class_step(inner)
+    _mark_called(inner)
+    if _patched(inner) is not None or step is None:  # another patch, or unhooked
         return inner.step(*args)
-    call_args = (inner, *args)
-    kwargs: dict[str, Any] = {}
+    update = step.__wrapped__  # type: ignore[attr-defined]
+    if not traceable:  # as Dynamo keeps it: run eagerly
+        update = torch.compiler.disable(update)
     with torch.autograd.profiler.record_function(f"Optimizer.step#{type(inner).__name__}.step"):
-        for pre_hook in list(inner._optimizer_step_pre_hooks.values()):
-            result = pre_hook(inner, call_args, kwargs)
-            if result is not None:
-                if not (isinstance(result, tuple) and len(result) == 2):
-                    raise RuntimeError(
-                        f"{step} must return None or a tuple of (new_args, new_kwargs), but got {result}."
-                    )
-                call_args, kwargs = result
-        out = step.__wrapped__(*call_args, **kwargs)  # type: ignore[attr-defined]
+        call_args, kwargs = _pre_hooks(inner, (inner, *args), {})
+        out = update(*call_args, **kwargs)
         inner._optimizer_step_code()
         for post_hook in list(inner._optimizer_step_post_hooks.values()):
             post_hook(inner, call_args, kwargs)
     return out
+
+
+def _patched(inner: Optimizer) -> Optional[Callable[..., Any]]:
+    """A ``step`` patched on the instance, other than an LR scheduler's (which only marks the
+    step as called: :func:`_mark_called` does that)."""
+    patched = vars(inner).get("step")
+    if patched is not None and getattr(patched, "__wrapped__", None) is type(inner).step:
+        return None
+    return patched
+
+
+def _mark_called(inner: Optimizer) -> None:
+    if "step" in vars(inner) and _patched(inner) is None:  # an LR scheduler built on the inner
+        inner._opt_called = True  # type: ignore[attr-defined]
+
+
+def _pre_hooks(inner: Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    step = type(inner).step
+    for pre_hook in list(inner._optimizer_step_pre_hooks.values()):
+        result = pre_hook(inner, args, kwargs)
+        if result is not None:
+            if not (isinstance(result, tuple) and len(result) == 2):
+                raise RuntimeError(
+                    f"{step} must return None or a tuple of (new_args, new_kwargs), but got {result}."
+                )
+            args, kwargs = result
+    return args, kwargs

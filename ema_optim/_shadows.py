@@ -313,6 +313,7 @@ class Layout:
             if made:
                 assert self.anchor is not None  # buffers with names need one (checked in __init__)
                 self.missing.setdefault(self.anchor, {}).update(made)
+        self.incomplete = bool(self.missing)  # nothing to install after the inner step: complete
 
     def adopt_missing(self) -> bool:
         """Install the shadows made by :meth:`make_missing`; True if there were any."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, Callable, DefaultDict, Iterator, Optional, Sequence, Union
 
 import torch
@@ -277,23 +278,28 @@ class EMAOptimizer(Optimizer):
             the stale shadow is dropped (``opt.state[p].pop("ema")``), which restarts that
             param's EMA from its current weights.
         """
-        rt = self._rt
-        action = rt.begin(self.optimizer, self._timing, self._spec, self._buffers)
+        rt, inner = self._rt, self.optimizer
+        args = () if closure is None else (closure,)
+        body = rt.begin(inner, self._timing, self._spec, self._buffers, torch.compiler.is_compiling())
         found_inf = getattr(self, _FOUND_INF, None)
         forwarded = self._step_supports_amp_scaling and hasattr(self, _GRAD_SCALE)
         if forwarded:  # GradScaler with a scale-aware inner optimizer
-            setattr(self.optimizer, _GRAD_SCALE, getattr(self, _GRAD_SCALE))
-            setattr(self.optimizer, _FOUND_INF, found_inf)
+            setattr(inner, _GRAD_SCALE, getattr(self, _GRAD_SCALE))
+            setattr(inner, _FOUND_INF, found_inf)
+        found_inf = found_inf if forwarded else None
         try:
-            loss = _runtime.inner_step(self.optimizer, () if closure is None else (closure,))
+            if body is not None:  # steady state: one traced body (the inner update, then the EMA)
+                loss = _runtime.fused_step(inner, body, args, partial(rt.update, found_inf))
+            else:  # new shadows to install after the inner update, or a non-standard inner step
+                loss = _runtime.inner_step(inner, args)
+                rt.adopt(inner, self._spec.count)
+                with torch.no_grad():
+                    rt.update(found_inf)
         finally:
             if forwarded:
-                delattr(self.optimizer, _GRAD_SCALE)
-                delattr(self.optimizer, _FOUND_INF)
-        rt.adopt(self.optimizer, self._spec.count)
-        with torch.no_grad():
-            rt.update(action, found_inf if forwarded else None)
-        rt.commit()
+                delattr(inner, _GRAD_SCALE)
+                delattr(inner, _FOUND_INF)
+        rt.end(found_inf)
         return loss
 
     def _layout(self) -> _shadows.Layout:

@@ -1,0 +1,365 @@
+"""The compiled step (SPEC "The compiled step"): after the first step, ``torch.compile(opt.step)``
+traces the inner optimizer's update and the EMA update into one graph, does not recompile as
+a scheduled decay changes, and agrees with the float64 reference and with eager.
+
+Graphs are recorded by a backend that lists the ops of every graph Dynamo hands it (and runs it
+with ``aot_eager``: the graph boundaries are Dynamo's, whatever the backend; Inductor is too slow
+to compile on 2 cores for every case, so one case runs it, and ``benchmarks/compiled.py`` counts
+its kernels).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.optimizer import _use_grad_for_differentiable
+
+from ema_optim import EMAOptimizer, _runtime, schedules
+from tests.reference import reference_shadows
+
+_dynamo = pytest.importorskip("torch._dynamo")
+from torch._dynamo.backends.debugging import aot_eager as _aot_eager  # noqa: E402
+
+STEPS = 6
+
+
+class ScaleAwareSGD(torch.optim.SGD):
+    """A traceable scale-aware optimizer: GradScaler hands it ``grad_scale``/``found_inf``
+    (as it does torch's fused ones) and it unscales and skips on the device, without a sync."""
+
+    _step_supports_amp_scaling = True
+
+    @_use_grad_for_differentiable
+    def step(self, closure=None):
+        scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            if scale is not None:
+                keep = 1.0 - found_inf.reshape(())
+                factor = keep * group["lr"] / scale.reshape(())
+                grads = torch._foreach_mul(grads, factor)
+                torch._foreach_sub_(params, grads)
+            else:
+                torch._foreach_add_(params, grads, alpha=-group["lr"])
+
+
+class Recorder:
+    """A backend that keeps, for every graph Dynamo hands it, the storages of its tensor inputs
+    (then runs it with ``aot_eager``). A graph holds the EMA update if a shadow is among its
+    inputs, and the inner update if a gradient is (the EMA never reads one)."""
+
+    def __init__(self):
+        self.graphs: list[set[int]] = []
+
+    def __call__(self, gm, example_inputs):
+        # Dynamo passes some tensors as inputs and installs others (an optimizer's state, which
+        # it marks static) as attributes of the graph module
+        attrs = [_attr(gm, n.target) for n in gm.graph.nodes if n.op == "get_attr"]
+        tensors = [t for t in [*example_inputs, *attrs] if isinstance(t, torch.Tensor)]
+        self.graphs.append({_ptr(t) for t in tensors})
+        return _aot_eager(gm, example_inputs)
+
+
+def _attr(gm, target):
+    for name in target.split("."):
+        gm = getattr(gm, name)
+    return gm
+
+
+def _ptr(t):
+    return t.untyped_storage().data_ptr()
+
+
+def _model(dtype=torch.float32, batchnorm=False):
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 8)] + ([nn.BatchNorm1d(8)] if batchnorm else []) + [nn.Tanh(), nn.Linear(8, 1)]
+    return nn.Sequential(*layers).to(dtype)
+
+
+# name -> (inner factory, EMAOptimizer kwargs, param dtype, batchnorm, ops the inner update shows)
+CASES = {
+    "sgd": (lambda ps: torch.optim.SGD(ps, lr=0.05), {}, torch.float32, False, ("add",)),
+    "sgd-momentum": (
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+        {},
+        torch.float32,
+        False,
+        ("add", "mul"),
+    ),
+    "adam": (lambda ps: torch.optim.Adam(ps, lr=1e-2), {}, torch.float32, False, ("addcdiv", "sqrt")),
+    "adamw": (lambda ps: torch.optim.AdamW(ps, lr=1e-2), {}, torch.float32, False, ("addcdiv", "sqrt")),
+    "adamw-foreach": (
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=True),
+        {},
+        torch.float32,
+        False,
+        ("addcdiv", "sqrt"),
+    ),
+    "two-shadows": (
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=True),
+        {"decay": (0.5, 0.9)},
+        torch.float32,
+        False,
+        ("addcdiv",),
+    ),
+    "bf16": (
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=True),
+        {},
+        torch.bfloat16,
+        False,
+        ("addcdiv",),
+    ),
+    "schedule": (
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=True),
+        {"decay": schedules.warmup(0.99), "bias_correction": True},
+        torch.float32,
+        False,
+        ("addcdiv",),
+    ),
+    "buffers": (lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), {}, torch.float32, True, ("add",)),
+    "grad-scaler": (lambda ps: ScaleAwareSGD(ps, lr=0.05), {}, torch.float32, False, ("sub",)),
+}
+
+
+def _run(name, compiled, steps=STEPS, backend=None):
+    """Train ``steps`` steps; returns (model, opt, initial weights, float64 weights after each
+    step, graphs compiled at each step)."""
+    factory, kwargs, dtype, batchnorm, _ = CASES[name]
+    model = _model(dtype, batchnorm)
+    opt = EMAOptimizer(
+        factory(list(model.parameters())),
+        **{"decay": 0.9, **kwargs},
+        buffers=model if batchnorm else None,
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0) if name == "grad-scaler" else None
+    recorder = Recorder()
+    step = torch.compile(opt.step, backend=backend or recorder) if compiled else opt.step
+    if scaler is not None:
+        step = _scaler_step(scaler, opt, step)
+    g = torch.Generator().manual_seed(1)
+    initial = [p.detach().double().clone() for p in model.parameters()]
+    weights, graphs = [], []
+    for _ in range(steps):
+        x = torch.randn(16, 6, generator=g).to(dtype)
+        loss = model(x).float().pow(2).mean()
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        before = len(recorder.graphs)
+        step()
+        opt.zero_grad(set_to_none=False)  # the same gradient tensors at every step (see Recorder)
+        if scaler is not None:
+            scaler.update()
+        graphs.append(recorder.graphs[before:])
+        weights.append([p.detach().double().clone() for p in model.parameters()])
+    return model, opt, initial, weights, graphs
+
+
+def _scaler_step(scaler, opt, step):
+    def run():
+        scaler.step(opt) if step is opt.step else _scaled(scaler, opt, step)
+
+    return run
+
+
+def _scaled(scaler, opt, step):
+    # GradScaler.step(opt) calls opt.step(); route that call to the compiled step.
+    original = opt.step
+    opt.step = step
+    try:
+        scaler.step(opt)
+    finally:
+        opt.step = original
+
+
+def _ops(graph):
+    return " ".join(graph)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    _dynamo.reset()
+    with _dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=512):
+        yield
+    _dynamo.reset()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_one_graph_holds_the_inner_update_and_the_ema(name):
+    model, opt, _, _, graphs = _run(name, compiled=True)
+    shadows = {_ptr(v) for s in opt.state.values() for k, v in s.items() if k.startswith("ema")}
+    grads = {_ptr(p.grad) for p in model.parameters()}
+    # the second step compiles the steady-state body (Dynamo may trace a frame twice);
+    # later steps reuse it
+    with_ema = [g for g in graphs[1] if g & shadows]
+    assert with_ema, "no graph of the second step updates the shadows"
+    assert all(g & grads for g in with_ema), "the EMA update is in a graph without the inner update"
+    assert all(g == [] for g in graphs[2:]), "recompiled after the second step"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_compiled_step_matches_the_float64_reference(name):
+    model, opt, initial, weights, _ = _run(name, compiled=True)
+    kwargs = {"decay": 0.9, **CASES[name][1]}
+    decays = kwargs["decay"] if isinstance(kwargs["decay"], tuple) else (kwargs["decay"],)
+    tol = 1e-2 if CASES[name][2] == torch.bfloat16 else 1e-5
+    for i, p in enumerate(model.parameters()):
+        for k, decay in enumerate(decays):
+            want = reference_shadows(
+                initial[i],
+                [w[i] for w in weights],
+                decay,
+                bias_correction=kwargs.get("bias_correction", False),
+            )[-1]
+            shadow = opt.state[p]["ema" if k == 0 else f"ema_{k}"]
+            # fp32 shadows of bf16 params: the reference folds the same bf16 weights in float64
+            torch.testing.assert_close(shadow.double(), want, atol=tol * 1e-1, rtol=tol)
+    assert opt.state_dict()["param_groups"][0]["ema_updates"] == STEPS
+
+
+@pytest.mark.parametrize("name", ["adamw-foreach", "bf16", "two-shadows", "grad-scaler", "buffers"])
+def test_compiled_step_agrees_with_eager(name):
+    compiled = _run(name, compiled=True)
+    eager = _run(name, compiled=False)
+    # compiled kernels may round differently: a few fp32 roundings, or one bf16 one
+    tol = 1e-2 if CASES[name][2] == torch.bfloat16 else 1e-5
+    for a, b in zip(compiled[0].state_dict().values(), eager[0].state_dict().values()):
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    sd_c, sd_e = compiled[1].state_dict(), eager[1].state_dict()
+    for i, entry in sd_e["state"].items():
+        for key, value in entry.items():
+            if key.startswith("ema"):
+                torch.testing.assert_close(sd_c["state"][i][key], value, atol=tol, rtol=tol)
+
+
+def test_inductor_fuses_and_matches_the_reference():
+    # The real compiler once: the EMA in Inductor's kernels, still the formula.
+    model, opt, initial, weights, _ = _run("two-shadows", compiled=True, backend="inductor", steps=3)
+    for i, p in enumerate(model.parameters()):
+        for k, decay in enumerate((0.5, 0.9)):
+            want = reference_shadows(initial[i], [w[i] for w in weights], decay)[-1]
+            torch.testing.assert_close(opt.state[p][("ema", "ema_1")[k]].double(), want, atol=1e-6, rtol=1e-5)
+
+
+def test_no_recompile_over_twenty_steps_with_a_schedule():
+    *_, graphs = _run("schedule", compiled=True, steps=20)
+    assert all(g == [] for g in graphs[2:]), [len(g) for g in graphs]
+
+
+def test_swap_state_dict_and_exact_resume_inside_a_compiled_loop(tmp_path):
+    def loop(model, opt, step, start, stop, g):
+        for n in range(start, stop):
+            x = torch.randn(16, 6, generator=g)
+            model(x).pow(2).mean().backward()
+            step()
+            opt.zero_grad()
+            if n % 2 == 1:  # evaluate the EMA model inside the loop
+                before = [p.detach().clone() for p in model.parameters()]
+                with opt.swap_ema_weights():
+                    model(x)
+                assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+    def build():
+        model = _model()
+        opt = EMAOptimizer(
+            torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True), decay=schedules.warmup()
+        )
+        return model, opt, torch.compile(opt.step, backend="aot_eager")
+
+    model, opt, step = build()
+    g = torch.Generator().manual_seed(2)
+    loop(model, opt, step, 0, 8, g)
+
+    model_a, opt_a, step_a = build()
+    g_a = torch.Generator().manual_seed(2)
+    loop(model_a, opt_a, step_a, 0, 4, g_a)
+    torch.save({"model": model_a.state_dict(), "opt": opt_a.state_dict()}, tmp_path / "ckpt.pt")
+    model_b, opt_b, step_b = build()
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    model_b.load_state_dict(saved["model"])
+    opt_b.load_state_dict(saved["opt"])
+    loop(model_b, opt_b, step_b, 4, 8, g_a)
+    for p, q in zip(model.parameters(), model_b.parameters()):
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["ema"], opt_b.state[q]["ema"])
+    assert opt.state_dict()["param_groups"][0]["ema_updates"] == 8
+    assert opt_b.state_dict()["param_groups"][0]["ema_updates"] == 8
+
+
+class NoGradSGD(torch.optim.Optimizer):
+    """A third-party optimizer whose step is not torch's standard wrapper."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+
+
+def test_a_non_standard_inner_step_falls_back_and_stays_correct():
+    model = _model()
+    inner = NoGradSGD(model.parameters(), lr=0.05)
+    assert _runtime.traced_body(inner) is None
+    opt = EMAOptimizer(inner, decay=0.8)
+    step = torch.compile(opt.step, backend="aot_eager")
+    initial = [p.detach().double().clone() for p in model.parameters()]
+    weights = []
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        model(torch.randn(8, 6, generator=g)).pow(2).mean().backward()
+        step()
+        opt.zero_grad()
+        weights.append([p.detach().double().clone() for p in model.parameters()])
+    for i, p in enumerate(model.parameters()):
+        want = reference_shadows(initial[i], [w[i] for w in weights], 0.8)[-1]
+        torch.testing.assert_close(opt.state[p]["ema"].double(), want, atol=1e-6, rtol=1e-5)
+
+
+STANDARD = [
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.ASGD,
+    torch.optim.Adadelta,
+    torch.optim.Rprop,
+]
+
+
+@pytest.mark.parametrize("cls", STANDARD, ids=lambda c: c.__name__)
+def test_what_the_fused_step_relies_on_in_this_torch(cls):
+    # torch's stock steps are hooked by Optimizer (profile_hook_step) around the grad-mode
+    # wrapper _use_grad_for_differentiable around the update: the one traced body reaches the
+    # update two __wrapped__ below the class's step, and graph_break() exists.
+    inner = cls([nn.Parameter(torch.zeros(2))], lr=0.1)
+    body = _runtime.traced_body(inner)
+    assert body is not None and body.__name__ == "step" and body is not type(inner).step
+    assert "differentiable" in inner.defaults
+    assert callable(torch._dynamo.graph_break)
+    # LBFGS is not traced (Dynamo disables its step): it keeps the step in parts
+    assert _runtime.traced_body(torch.optim.LBFGS([nn.Parameter(torch.zeros(2))])) is None
+
+
+def test_the_fused_step_keeps_grad_mode_hooks_and_profiler_record():
+    model = _model()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = EMAOptimizer(inner, decay=0.9)
+    seen = []
+    inner.register_step_pre_hook(lambda o, a, k: seen.append(("pre", torch.is_grad_enabled())))
+    inner.register_step_post_hook(lambda o, a, k: seen.append(("post", torch.is_grad_enabled())))
+    for _ in range(2):
+        model(torch.ones(2, 6)).sum().backward()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            opt.step()
+        assert torch.is_grad_enabled()
+    names = [e.name for e in prof.events()]
+    assert "Optimizer.step#AdamW.step" in names and "Optimizer.step#EMAOptimizer.step" in names
+    assert seen == [("pre", True), ("post", True)] * 2
