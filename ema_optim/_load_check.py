@@ -270,9 +270,12 @@ def _check_inner_state(k: Any, p: Tensor, saved: Mapping, current: Mapping) -> N
             )
     for kk, v in given.items():
         cur = current.get(kk)
-        if kk in SCALARS and not _is_number(v):
-            kind = type(v).__name__
-            raise ValueError(f"state[{k!r}][{kk!r}] must be a number or a one-element tensor, got {kind}")
+        if kk in SCALARS:
+            if not _is_number(v):
+                kind = type(v).__name__
+                raise ValueError(f"state[{k!r}][{kk!r}] must be a number or a one-element tensor, got {kind}")
+            if not isinstance(v, Tensor):  # a Python number (older torch): torch's optimizers take it
+                continue
         tensor_expected = isinstance(cur, Tensor) or kk in PARAM_SHAPED
         if not isinstance(v, Tensor):
             if tensor_expected and not (kk == "momentum_buffer" and v is None):
@@ -311,8 +314,9 @@ def _describe(c: Counters) -> str:
 FLAG_STATE = {"amsgrad": "max_exp_avg_sq", "centered": "grad_avg"}
 
 
-# Stock torch.optim state entries that are one number (a float, or a 0-dim tensor).
-SCALARS = frozenset({"step", "eta", "mu"})
+# Stock torch.optim state entries that are one number: a 0-dim tensor, or a Python number, which
+# torch's optimizers turn back into a tensor on load (older torch versions saved "step" so).
+SCALARS = frozenset({"step", "eta", "mu", "mu_product"})
 
 
 # Stock torch.optim state entries that always have their param's shape.
