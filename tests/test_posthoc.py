@@ -612,3 +612,44 @@ def test_example_sweep_runs(capsys):
         tracked = by_label[f"tracked      sigma_rel={s:.3f}"]
         assert by_label[f"reconstructed sigma_rel={s:.3f}"] == pytest.approx(tracked, rel=1e-4)
     assert "best of the sweep" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------- snapshot: dtype range
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4, momentum=1.0))
+
+
+def test_fp16_snapshot_refuses_a_value_it_cannot_hold():
+    model = bn_model()
+    decay = (schedules.power(sigma_rel=0.05), schedules.power(sigma_rel=0.10))
+    opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), decay=decay, buffers=model)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        model(1000 * torch.randn(16, 3, generator=gen)).square().mean().backward()  # running_var ~ 1e5
+        opt.step()
+        opt.zero_grad()
+    assert opt.state[model[0].weight]["ema:1.running_var"].max() > 65504
+    with pytest.raises(ValueError, match=r"'1\.running_var'.*float16") as err:
+        posthoc.snapshot(opt, model, dtype=torch.float16)
+    assert "bfloat16" in str(err.value)  # what to do instead
+    for dtype in (torch.bfloat16, torch.float32, None):  # they hold it
+        snap = posthoc.snapshot(opt, model, dtype=dtype)
+        assert all(torch.isfinite(v).all() for d in snap["shadows"] for v in d.values())
+    # a param that overflows is named too (by its index without a model)
+    with torch.no_grad():
+        for k in ("ema", "ema_1"):
+            opt.state[model[0].weight][f"{k}:1.running_var"].fill_(1.0)
+        opt.state[model[0].bias]["ema_1"][2] = 1e5
+    with pytest.raises(ValueError, match=r"the shadow 'ema_1' of param 1 holds values up to 1e\+05"):
+        posthoc.snapshot(opt, dtype=torch.float16)
+    assert torch.isfinite(posthoc.snapshot(opt, model, dtype=torch.bfloat16)["shadows"][1]["0.bias"]).all()
+
+
+def test_fp16_snapshot_keeps_what_was_already_inf():
+    p = [torch.tensor([1.0, float("inf")]), torch.tensor([float("nan"), -2.0])]
+    snap = posthoc.snapshot(FakeOptimizer(p, schedules.power(gamma=1.0)), dtype=torch.float16)
+    torch.testing.assert_close(snap["shadows"][0][0], p[0].half())  # not the dtype's doing
+    assert torch.isnan(snap["shadows"][0][1][0])
