@@ -12,8 +12,11 @@ VERSION = 1
 
 def _power_shadows(opt: Any) -> list[tuple[int, float]]:
     """``(k, gamma)`` of each shadow of ``opt`` whose decay is a :func:`schedules.power` schedule."""
+    from .schedules import _power_gamma  # here: schedules imports posthoc, which imports this module
+
     decays = opt.decay if isinstance(opt.decay, (tuple, list)) else (opt.decay,)
-    found = [(k, float(d.gamma)) for k, d in enumerate(decays) if getattr(d, "gamma", None) is not None]
+    gammas = [(k, _power_gamma(d)) for k, d in enumerate(decays)]
+    found = [(k, g) for k, g in gammas if g is not None]
     if not found:
         raise ValueError(
             f"the optimizer has no power shadow (decay={opt.decay!r}); post-hoc EMA needs shadows "

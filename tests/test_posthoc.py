@@ -653,3 +653,27 @@ def test_fp16_snapshot_keeps_what_was_already_inf():
     snap = posthoc.snapshot(FakeOptimizer(p, schedules.power(gamma=1.0)), dtype=torch.float16)
     torch.testing.assert_close(snap["shadows"][0][0], p[0].half())  # not the dtype's doing
     assert torch.isnan(snap["shadows"][0][1][0])
+
+
+class UserSchedule:
+    """A user's decay that happens to have a ``gamma`` attribute: not a power profile."""
+
+    gamma = 2.0
+
+    def __call__(self, t: int) -> float:
+        return 0.9
+
+
+def test_only_schedules_power_counts_as_a_power_profile():
+    p = [torch.zeros(2), torch.zeros(3)]
+    with pytest.raises(ValueError, match="no power shadow"):
+        posthoc.snapshot(FakeOptimizer(p, UserSchedule()))
+
+    def closure(t):
+        return 0.5
+
+    closure.gamma = 1.0
+    for other in (UserSchedule(), closure):
+        snap = posthoc.snapshot(FakeOptimizer(p, (other, schedules.power(gamma=4.0), other)))
+        assert snap["gamma"] == [4.0] and len(snap["shadows"]) == 1
+        torch.testing.assert_close(snap["shadows"][0][1], p[1] + 1, atol=0, rtol=0)  # shadow 1: "ema_1"

@@ -88,3 +88,17 @@ def test_shadow_is_the_profile_average(update_every, update_after_step):
         torch.testing.assert_close(opt.state[p]["ema"], expected, atol=1e-10, rtol=0)
     # the profile is not flat: the last fold carries a weight far from 1/30
     assert _closed_form([torch.ones(1)] * 29 + [torch.zeros(1)], gamma).item() < 0.6
+
+
+def test_the_profile_is_a_value():
+    """Its gamma cannot drift from its decay, and it pickles (closures do not)."""
+    import copy
+    import pickle
+
+    d = schedules.power(sigma_rel=0.1)
+    with pytest.raises(AttributeError):
+        d.gamma = 3.0
+    for twin in (pickle.loads(pickle.dumps(d)), copy.deepcopy(d)):
+        assert (twin.gamma, twin.sigma_rel) == (d.gamma, d.sigma_rel)
+        assert [twin(t) for t in range(5)] == [d(t) for t in range(5)]
+    assert "gamma=" in repr(d)
