@@ -214,18 +214,51 @@ def solve(
 # ---------------------------------------------------------------------------- reconstruct
 
 
-def _load(source: Snapshot) -> Mapping[str, Any]:
+def _sources(snapshots: Any) -> list:
+    """``snapshots`` as a list, refusing one path or one snapshot where a list is expected (a
+    string would otherwise be read as a list of one-character paths)."""
+    what = "snapshots must be a list of snapshot dicts or of paths"
+    if isinstance(snapshots, (str, bytes, os.PathLike)):
+        raise TypeError(
+            f"{what}, got a single path {os.fsdecode(snapshots)!r}; pass [path] for one file, or "
+            "sorted(glob.glob(...)) for the snapshot files of a directory"
+        )
+    if isinstance(snapshots, Mapping):
+        raise TypeError(
+            f"{what}, got a single snapshot dict; pass a list of them, [snapshot, ...] (a "
+            "reconstruction needs the snapshots of the whole run)"
+        )
+    try:
+        return list(snapshots)
+    except TypeError as err:
+        raise TypeError(f"{what}, got {type(snapshots).__name__}") from err
+
+
+def _load(source: Snapshot, where: str) -> Mapping[str, Any]:
     """A snapshot dict as is, or a saved one memory-mapped: its tensors are read from disk when used."""
     if isinstance(source, Mapping):
         return source
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
-            f"each snapshot must be a dict from snapshot() or a path, got {type(source).__name__}"
+            f"each snapshot must be a dict from snapshot() or a path, got {type(source).__name__} ({where})"
+        )
+    if os.path.isdir(source):
+        raise ValueError(
+            f"{where} is a directory; pass the snapshot files in it, e.g. sorted(glob.glob(...))"
         )
     try:
-        return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # a file in torch's legacy format cannot be memory-mapped
-        return torch.load(source, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a file in torch's legacy format cannot be memory-mapped
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except OSError:  # a missing or unreadable file: the error names it
+        raise
+    except Exception as err:  # noqa: BLE001 - torch.load's errors do not name the file
+        raise ValueError(
+            f"{where} could not be read ({type(err).__name__}: {err}); it may be truncated (a run "
+            "stopped while saving) or not a file from torch.save(posthoc.snapshot(...)). Leave it out "
+            "of the list (the reconstruction then has one snapshot less) or save it again."
+        ) from err
 
 
 def _header(snap: Mapping[str, Any], where: str) -> tuple[int, list[float], list]:
@@ -296,10 +329,22 @@ def _inputs(headers: list[tuple[int, list[float], list]], target: int) -> list[t
     return inputs
 
 
-def _accumulate_(acc: list[dict], shadow: Mapping, weights: Tensor, keys: list) -> None:
-    for out, x in zip(acc, weights.tolist()):
-        for key in keys:
-            value = shadow[key]
+def _accumulate_(
+    acc: list[dict], shadow: Mapping, weights: Tensor, keys: list, where: str, first: dict
+) -> None:
+    """Add ``weights[j] * shadow`` into target ``j``'s sums. ``first`` keeps, per key, the shape
+    and the place of the first tensor summed under it, to name both when another differs."""
+    for key in keys:
+        value = shadow[key]
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{where}: {key!r} is a {type(value).__name__}, not a tensor")
+        shape, seen = first.setdefault(key, (value.shape, where))
+        if value.shape != shape:
+            raise ValueError(
+                f"{where}: {key!r} has shape {tuple(value.shape)}, {seen} has {tuple(shape)}; the "
+                "snapshots of one reconstruction must come from one model: leave out the others"
+            )
+        for out, x in zip(acc, weights.tolist()):
             if key not in out:  # float64 sums; MPS has no float64
                 wide = torch.float32 if value.device.type == "mps" else torch.float64
                 out[key] = torch.zeros_like(value, dtype=wide)
@@ -336,20 +381,22 @@ def reconstruct(
         such dicts when a list of targets is passed.
 
     Raises:
+        TypeError: ``snapshots`` is one path or one snapshot instead of a list of them.
         ValueError: no or both of ``sigma_rel``/``gamma``, a value out of range, ``step`` not a
             snapshot time, fewer than two distinct input profiles, a singular system, or
-            snapshots that are not from :func:`snapshot` or disagree on their keys.
+            snapshots that are not from :func:`snapshot`, cannot be read, or disagree on their
+            keys or shapes (the message names the snapshot, by index and path, and the key).
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     targets, many = _targets(sigma_rel, gamma)
-    sources = list(snapshots)
+    sources = _sources(snapshots)
     if not sources:
         raise ValueError(
             "no snapshots given; pass the dicts from posthoc.snapshot() or the paths they were saved to"
         )
     where = [f"snapshot {i}" + ("" if isinstance(s, Mapping) else f" ({s})") for i, s in enumerate(sources)]
-    headers = [_header(_load(s), w) for s, w in zip(sources, where)]
+    headers = [_header(_load(s, w), w) for s, w in zip(sources, where)]
     target = _target_step([h[0] for h in headers], step)
     inputs = _inputs(headers, target)
     x = solve([t for *_, t, _ in inputs], [g for *_, g in inputs], [target] * len(targets), targets)
@@ -360,11 +407,12 @@ def reconstruct(
                 f"{where[i]} has other keys than {where[inputs[0][0]]}; are they from the same model?"
             )
     acc: list[dict] = [{} for _ in targets]
+    first: dict = {}  # key -> (shape, where) of the first tensor summed under it
     for i in dict.fromkeys(i for i, *_ in inputs):  # by time, each once
-        shadows = _load(sources[i])["shadows"]
+        shadows = _load(sources[i], where[i])["shadows"]
         for row, (snap, j, _, _) in enumerate(inputs):
             if snap == i:
-                _accumulate_(acc, shadows[j], x[row], keys)
+                _accumulate_(acc, shadows[j], x[row], keys, f"{where[i]}, shadow {j}", first)
         del shadows  # one snapshot in memory at a time
     result = [{key: out[key].to(dtype) for key in keys} for out in acc]
     return result if many else result[0]

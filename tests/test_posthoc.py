@@ -677,3 +677,52 @@ def test_only_schedules_power_counts_as_a_power_profile():
         snap = posthoc.snapshot(FakeOptimizer(p, (other, schedules.power(gamma=4.0), other)))
         assert snap["gamma"] == [4.0] and len(snap["shadows"]) == 1
         torch.testing.assert_close(snap["shadows"][0][1], p[1] + 1, atol=0, rtol=0)  # shadow 1: "ema_1"
+
+
+# ---------------------------------------------------------------------------- reconstruct: clear errors
+
+
+def test_a_single_path_or_snapshot_instead_of_a_list(run, tmp_path):
+    _, _, snaps = run
+    torch.save(snaps[0], tmp_path / "one.pt")
+    for single in (str(tmp_path), tmp_path, str(tmp_path / "one.pt"), tmp_path / "one.pt"):
+        with pytest.raises(TypeError, match=r"a single path .*\[path\]|a single path .*glob"):
+            posthoc.reconstruct(single, 0.1)
+    with pytest.raises(TypeError, match=r"a single snapshot dict.*list"):
+        posthoc.reconstruct(snaps[0], 0.1)
+
+
+def test_an_unreadable_file_is_named(run, tmp_path):
+    _, _, snaps = run
+    paths = []
+    for s in snaps[:3]:
+        paths.append(tmp_path / f"{s['ema_updates']}.pt")
+        torch.save(s, paths[-1])
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data[: len(data) // 2])  # truncated, as by a crash while saving
+    with pytest.raises(ValueError, match=rf"snapshot 1 \({paths[1]}\) could not be read"):
+        posthoc.reconstruct(paths, 0.1)
+    paths[1].write_text("not a snapshot")
+    with pytest.raises(ValueError, match=rf"snapshot 1 \({paths[1]}\) could not be read"):
+        posthoc.reconstruct([str(p) for p in paths], 0.1)
+    (tmp_path / "dir.pt").mkdir()
+    with pytest.raises(ValueError, match=r"snapshot 2 \(.*dir\.pt\) is a directory"):
+        posthoc.reconstruct([paths[0], paths[2], tmp_path / "dir.pt"], 0.1)
+
+
+def test_other_shapes_under_one_key(run, tmp_path):
+    _, _, snaps = run
+    s = snaps[2]
+    bad = {**s, "shadows": [{**d, "a": d["a"][:99]} for d in s["shadows"]]}
+    with pytest.raises(
+        ValueError, match=r"snapshot 2, shadow 0: 'a' has shape \(99,\), snapshot 0, shadow 0 has \(100,\)"
+    ):
+        posthoc.reconstruct([snaps[0], snaps[1], bad], 0.1)
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"snapshot 0 \(.*bad\.pt\), shadow 0: 'a' has shape \(99,\)"):
+        posthoc.reconstruct([tmp_path / "bad.pt", snaps[0], snaps[1]], 0.1)
+    within = {**s, "shadows": [s["shadows"][0], {**s["shadows"][1], "a": s["shadows"][1]["a"][:99]}]}
+    with pytest.raises(
+        ValueError, match=r"snapshot 0, shadow 1: 'a' has shape \(99,\), snapshot 0, shadow 0"
+    ):
+        posthoc.reconstruct([within, snaps[3]], 0.1)
