@@ -55,3 +55,38 @@ def test_stale_buffer_shadows_are_dropped_in_one_round():
     for k in ("ema", "ema_1", "ema_2"):
         assert torch.equal(held[f"{k}:1.running_mean"], torch.arange(5.0))
         assert held[f"{k}:1.running_var"].shape == (4,)  # the other buffer keeps its shadows
+
+
+def anchor_index(sd: dict) -> int:
+    return next(i for i, s in sd["state"].items() if "ema:1.running_var" in s)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (
+            torch.zeros(5),
+            r"the shadow 'ema_1:1\.running_var' of the buffer '1\.running_var' has shape "
+            r"\(5,\), the buffer has \(4,\)",
+        ),
+        (
+            torch.zeros(4, dtype=torch.int64),
+            r"the shadow 'ema_1:1\.running_var' of the buffer "
+            r"'1\.running_var' must be a real floating tensor like the buffer, got a torch\.int64 tensor",
+        ),
+        (
+            torch.zeros(4, device="meta"),
+            r"the shadow 'ema_1:1\.running_var' of the buffer '1\.running_var' "
+            r"is a meta tensor",
+        ),
+    ],
+)
+def test_a_bad_buffer_shadow_is_named_as_a_buffer_shadow(bad, match):
+    model, opt = make(buffers=True)
+    sd = opt.state_dict()
+    sd["state"][anchor_index(sd)]["ema_1:1.running_var"] = bad
+    before = {k: v.clone() for k, v in opt.state[model[0].weight].items()}
+    with pytest.raises(ValueError, match=match) as err:
+        opt.load_state_dict(sd)
+    assert "param" not in str(err.value)
+    assert all(torch.equal(v, before[k]) for k, v in opt.state[model[0].weight].items())
