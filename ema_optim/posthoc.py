@@ -54,6 +54,12 @@ from ._snapshot import VERSION, snapshot
 __all__ = ["sigma_rel_to_gamma", "gamma_to_sigma_rel", "snapshot", "solve", "reconstruct"]
 
 SIGMA_REL_MAX = 12.0**-0.5  # gamma = 0, the arithmetic mean (uniform profile)
+# Beyond these the float64 arithmetic of the profiles overflows (the cubic below at gamma ~ 5e102,
+# the inner products in solve at ~1e154); such a profile is the latest weights anyway: its decay
+# (t / (t + 1)) ** (gamma + 1) is 0.0 for any t a run reaches.
+GAMMA_MAX = 1e100
+SIGMA_REL_MIN = 1e-100  # sigma_rel of GAMMA_MAX, to float64 precision
+_TOO_SHORT = "; for an average that is just the latest weights use decay=0.0"
 
 Snapshot = Union[Mapping[str, Any], str, "os.PathLike[str]"]
 
@@ -78,9 +84,10 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
 
     Args:
         sigma_rel: in ``(0, 12 ** -0.5]``; ``12 ** -0.5`` is ``gamma = 0``, the arithmetic mean.
+            Below ``1e-100`` (``gamma`` above ``1e100``) float64 cannot evaluate the profile.
 
     Raises:
-        ValueError: ``sigma_rel`` outside ``(0, 12 ** -0.5]``.
+        ValueError: ``sigma_rel`` outside ``[1e-100, 12 ** -0.5]``.
 
     Example:
         >>> round(sigma_rel_to_gamma(0.05), 6), round(sigma_rel_to_gamma(0.10), 6)
@@ -91,6 +98,11 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
         raise ValueError(
             f"sigma_rel must be in (0, 12 ** -0.5 = {SIGMA_REL_MAX:.6f}], got {s}; "
             "12 ** -0.5 is the arithmetic mean, smaller values average over a shorter recent window"
+        )
+    if s < SIGMA_REL_MIN:
+        raise ValueError(
+            f"sigma_rel={s} is too small to compute with: its gamma would exceed {GAMMA_MAX:g}, beyond "
+            f"float64's reach; use sigma_rel >= {SIGMA_REL_MIN:g}{_TOO_SHORT}"
         )
     q = s**-2
     # f(g) = (g + 2)^2 (g + 3) - q (g + 1) is convex for g > -7/3 and positive at g = 1/s, so
@@ -110,10 +122,10 @@ def gamma_to_sigma_rel(gamma: float) -> float:
     """The relative width ``sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))`` of a power profile.
 
     Args:
-        gamma: the exponent, a finite number >= 0.
+        gamma: the exponent, in ``[0, 1e100]`` (beyond, float64 cannot evaluate the profile).
 
     Raises:
-        ValueError: ``gamma`` negative or not finite.
+        ValueError: ``gamma`` negative, above ``1e100`` or not finite.
 
     Example:
         >>> gamma_to_sigma_rel(0.0) == 12 ** -0.5
@@ -122,6 +134,11 @@ def gamma_to_sigma_rel(gamma: float) -> float:
     g = _check_number("gamma", gamma)
     if g < 0.0:
         raise ValueError(f"gamma must be >= 0, got {g} (gamma = 0 is the arithmetic mean)")
+    if g > GAMMA_MAX:
+        raise ValueError(
+            f"gamma={g:g} is too large to compute with: use gamma <= {GAMMA_MAX:g} (sigma_rel >= "
+            f"{SIGMA_REL_MIN:g}), beyond which float64 overflows{_TOO_SHORT}"
+        )
     return math.sqrt((g + 1.0) / ((g + 2.0) ** 2 * (g + 3.0)))
 
 

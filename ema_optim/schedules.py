@@ -185,8 +185,9 @@ def power(gamma: float | None = None, *, sigma_rel: float | None = None) -> Sche
     reconstruct any other ``sigma_rel`` afterwards.
 
     Args:
-        gamma: the exponent, >= 0.
-        sigma_rel: the relative width instead, in ``(0, 12 ** -0.5]``; EDM2 tracks 0.05 and 0.10.
+        gamma: the exponent, in ``[0, 1e100]``.
+        sigma_rel: the relative width instead, in ``[1e-100, 12 ** -0.5]``; EDM2 tracks 0.05 and
+            0.10. (The float64 arithmetic of the profile overflows beyond these bounds.)
 
     Returns:
         The schedule, with read-only attributes ``gamma`` and ``sigma_rel``

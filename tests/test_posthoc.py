@@ -726,3 +726,17 @@ def test_other_shapes_under_one_key(run, tmp_path):
         ValueError, match=r"snapshot 0, shadow 1: 'a' has shape \(99,\), snapshot 0, shadow 0"
     ):
         posthoc.reconstruct([within, snaps[3]], 0.1)
+
+
+@pytest.mark.parametrize("s", [1e-200, 5e-324, 1e-101])
+def test_sigma_rel_too_small_for_float64(s):
+    with pytest.raises(ValueError, match=r"sigma_rel .*1e-100"):
+        posthoc.sigma_rel_to_gamma(s)
+
+
+@pytest.mark.parametrize("g", [1e200, 1e101, 1.7e308])
+def test_gamma_too_large_for_float64(g):
+    with pytest.raises(ValueError, match=r"gamma .*1e\+100"):
+        posthoc.gamma_to_sigma_rel(g)
+    with pytest.raises(ValueError, match=r"gamma .*1e\+100"):
+        posthoc.reconstruct([], gamma=g)
