@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -346,6 +346,60 @@ def _inputs(headers: list[tuple[int, list[float], list]], target: int) -> list[t
     return inputs
 
 
+def _wanted_keys(
+    headers: list[tuple[int, list[float], list]], used: list[int], where: list[str], keys: Any
+) -> list:
+    """The keys to reconstruct: ``keys`` if given (each in every snapshot used, ``used`` by
+    time), else the keys of the snapshots used, which must then all have the same ones."""
+    have = {i: set(headers[i][2]) for i in used}
+
+    def first_with(key: Any) -> str:  # the first snapshot from which on every one used has it
+        last_without = max(j for j in used if key not in have[j])
+        return where[used[used.index(last_without) + 1]]
+
+    if keys is not None:
+        if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable):
+            raise TypeError(
+                f"keys must be a list of snapshot keys, got {type(keys).__name__}; e.g. [{keys!r}]"
+            )
+        wanted = list(dict.fromkeys(keys))
+        if not wanted:
+            raise ValueError("keys is empty; pass the snapshot keys to reconstruct, or keys=None for all")
+        for key in wanted:
+            if all(key not in have[i] for i in used):
+                raise ValueError(f"{key!r} is in none of the snapshots used ({where[used[0]]} and later)")
+            if key not in have[used[-1]]:
+                raise ValueError(f"{key!r} is not in {where[used[-1]]}, the latest snapshot used")
+            lacking = next((i for i in used if key not in have[i]), None)
+            if lacking is not None:
+                raise ValueError(
+                    f"{where[lacking]} has no {key!r}; every snapshot used for a key must have it: "
+                    f"reconstruct {key!r} from {first_with(key)} and later"
+                )
+        return wanted
+    latest = headers[used[-1]][2]
+    for i in used:
+        dropped = [k for k in headers[i][2] if k not in have[used[-1]]]
+        if dropped:
+            raise ValueError(
+                f"{where[i]} has the key {dropped[0]!r}, {where[used[-1]]} (the latest used) has not; "
+                "are they from the same model? Leave out the snapshots of another model."
+            )
+        added = [k for k in latest if k not in have[i]]
+        if added:
+            more = f" (and {len(added) - 1} more)" if len(added) > 1 else ""
+            since = first_with(added[0])
+            raise ValueError(
+                f"{added[0]!r}{more} is in {since} and later but not in {where[i]}, also used for this "
+                "step: a param added with add_param_group has no snapshots from before it was added, "
+                "so it cannot be reconstructed with the others. Reconstruct the keys that every "
+                f"snapshot has from all of them (keys=..., e.g. the keys of {where[used[0]]}), and the "
+                f"added ones from {since} and later (keys=[{added[0]!r}, ...]); or reconstruct at a "
+                "step before they were added."
+            )
+    return list(latest)
+
+
 def _accumulate_(
     acc: list[dict], shadow: Mapping, weights: Tensor, keys: list, where: str, first: dict
 ) -> None:
@@ -375,6 +429,7 @@ def reconstruct(
     gamma: Union[float, Sequence[float], None] = None,
     step: Optional[int] = None,
     dtype: torch.dtype = torch.float32,
+    keys: Optional[Iterable] = None,
 ) -> Union[dict, list[dict]]:
     """The power-function EMA of width ``sigma_rel`` (or exponent ``gamma``) at time ``step``, from snapshots.
 
@@ -391,6 +446,12 @@ def reconstruct(
         step: the target time in EMA updates; it must be the ``ema_updates`` of one snapshot.
             Default: the latest snapshot.
         dtype: dtype of the returned tensors.
+        keys: reconstruct only these keys (each must be in every snapshot used; others are
+            ignored). Default: every key, which the snapshots used must then all have. Params
+            added with ``add_param_group`` appear only in the snapshots taken after they were
+            added: reconstruct the other keys from all snapshots and these from those snapshots
+            (before it was added, a param's EMA is its weights when it was added, as in its
+            tracked shadows).
 
     Returns:
         ``{key: tensor}`` with the snapshots' keys (``model.load_state_dict(result,
@@ -402,7 +463,8 @@ def reconstruct(
         ValueError: no or both of ``sigma_rel``/``gamma``, a value out of range, ``step`` not a
             snapshot time, fewer than two distinct input profiles, a singular system, or
             snapshots that are not from :func:`snapshot`, cannot be read, or disagree on their
-            keys or shapes (the message names the snapshot, by index and path, and the key).
+            keys or shapes (the message names the snapshot, by index and path, and the key),
+            e.g. keys added with ``add_param_group`` (see ``keys``).
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
@@ -416,13 +478,8 @@ def reconstruct(
     headers = [_header(_load(s, w), w) for s, w in zip(sources, where)]
     target = _target_step([h[0] for h in headers], step)
     inputs = _inputs(headers, target)
+    keys = _wanted_keys(headers, list(dict.fromkeys(i for i, *_ in inputs)), where, keys)
     x = solve([t for *_, t, _ in inputs], [g for *_, g in inputs], [target] * len(targets), targets)
-    keys = headers[inputs[0][0]][2]
-    for i, *_ in inputs:
-        if set(headers[i][2]) != set(keys):
-            raise ValueError(
-                f"{where[i]} has other keys than {where[inputs[0][0]]}; are they from the same model?"
-            )
     acc: list[dict] = [{} for _ in targets]
     first: dict = {}  # key -> (shape, where) of the first tensor summed under it
     for i in dict.fromkeys(i for i, *_ in inputs):  # by time, each once

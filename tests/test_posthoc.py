@@ -360,7 +360,7 @@ def test_reconstruct_bad_snapshots(run):
         with pytest.raises(ValueError, match=match):
             posthoc.reconstruct([snaps[0], snaps[1], bad], 0.1)
     other_keys = {**s, "shadows": [{"c": v["a"], "b.weight": v["b.weight"]} for v in s["shadows"]]}
-    with pytest.raises(ValueError, match="other keys"):
+    with pytest.raises(ValueError, match=r"snapshot 0 has the key 'a', snapshot 2 .*same model"):
         posthoc.reconstruct([snaps[0], snaps[1], other_keys], 0.1)
     with pytest.raises(TypeError, match="path"):
         posthoc.reconstruct([snaps[0], 42], 0.1)
@@ -740,3 +740,101 @@ def test_gamma_too_large_for_float64(g):
         posthoc.gamma_to_sigma_rel(g)
     with pytest.raises(ValueError, match=r"gamma .*1e\+100"):
         posthoc.reconstruct([], gamma=g)
+
+
+# ---------------------------------------------------------------------------- params added later
+
+
+T0 = 32 * EVERY  # the update at which a param "c" joins the run fixture's simulation
+
+
+@pytest.fixture(scope="module")
+def with_added(run):
+    """The run's snapshots, with a param "c" added (add_param_group) at update T0: before T0 its
+    weights are the ones it was added with, which is what its shadows average (they start as a
+    copy of them and follow the shared counters)."""
+    weights, gammas, snaps = run
+    c = weights[:, :16].flip(1) + 1.0  # its own trajectory
+    c[:T0] = c[T0]  # added at update T0 (its weights then)
+    times = [s["ema_updates"] for s in snaps]
+    _, seen = power_emas(c, gammas, record={t for t in times if t > T0})
+    out = [
+        s if t <= T0 else {**s, "shadows": [{**d, "c": seen[t][k]} for k, d in enumerate(s["shadows"])]}
+        for s, t in zip(snaps, times)
+    ]
+    return c, out
+
+
+def test_keys_added_later_are_refused_by_name_with_a_way_forward(with_added):
+    _, snaps = with_added
+    with pytest.raises(
+        ValueError, match=r"'c' is in snapshot 32 and later but not in snapshot 0, .*add_param_group.*keys="
+    ):
+        posthoc.reconstruct(snaps, 0.15)
+    with pytest.raises(ValueError, match=r"'c' is in snapshot 33 and later"):  # named in the list given
+        posthoc.reconstruct([snaps[0]] + snaps, 0.15)
+    # before it was added, nothing about it is used
+    before = posthoc.reconstruct(snaps, 0.15, step=T0, dtype=F64)
+    assert set(before) == {"a", "b.weight"}
+
+
+def test_keys_added_later_the_way_forward(run, with_added):
+    weights, _, plain = run
+    c, snaps = with_added
+    body = posthoc.reconstruct(snaps, [0.075, 0.15], keys=["a", "b.weight"], dtype=F64)
+    head = posthoc.reconstruct(snaps[32:], [0.075, 0.15], keys=["c"], dtype=F64)
+    for sigma, b, h, ref in zip(
+        (0.075, 0.15), body, head, posthoc.reconstruct(plain, [0.075, 0.15], dtype=F64)
+    ):
+        assert set(b) == {"a", "b.weight"} and set(h) == {"c"}
+        torch.testing.assert_close(b, ref, atol=0, rtol=0)  # the extra key changes nothing
+        err = rel_error(h["c"], c, sigma, T)  # against the power EMA of its trajectory, simulated
+        print(f"added at T/2, sigma_rel={sigma}: error {err:.2e} from the snapshots after it")
+        # Without the early snapshots a wide profile is rebuilt less well (docs/posthoc.md):
+        # measured 7.9e-4 and 0.12; the bounds are twice that.
+        assert err < (1.6e-3 if sigma == 0.075 else 0.24)
+
+
+@pytest.mark.parametrize(
+    "keys, error, match",
+    [
+        (["c"], ValueError, r"snapshot 0 has no 'c'.*reconstruct 'c' from snapshot 32 and later"),
+        (["zz"], ValueError, r"'zz' is in none of the snapshots used"),
+        ([], ValueError, "keys is empty"),
+        ("a", TypeError, r"keys must be a list of snapshot keys, got str; e\.g\. \['a'\]"),
+    ],
+)
+def test_bad_keys(with_added, keys, error, match):
+    _, snaps = with_added
+    with pytest.raises(error, match=match):
+        posthoc.reconstruct(snaps, 0.15, keys=keys)
+    with pytest.raises(ValueError, match=r"'c' is in none of the snapshots used"):
+        posthoc.reconstruct(snaps, 0.15, keys=["c"], step=T0)
+
+
+def test_add_param_group_then_reconstruct(tmp_path):
+    """The issue's case, through the optimizer: every target after the new group was refused
+    with "are they from the same model?", naming no key."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    decay = (schedules.power(sigma_rel=0.05), schedules.power(sigma_rel=0.10))
+    opt = EMAOptimizer(torch.optim.SGD(model[0].parameters(), lr=0.05), decay=decay)
+    gen = torch.Generator().manual_seed(0)
+    paths = []
+    for n in range(1, 41):
+        if n == 21:
+            opt.add_param_group({"params": model[2].parameters()})
+        model(torch.randn(8, 4, generator=gen)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if n % 5 == 0:
+            paths.append(tmp_path / f"{n:03d}.pt")
+            torch.save(posthoc.snapshot(opt, model), paths[-1])
+    with pytest.raises(
+        ValueError, match=rf"'2\.weight' \(and 1 more\) is in snapshot 4 \({paths[4]}\) and later"
+    ):
+        posthoc.reconstruct(paths, 0.08)
+    body = posthoc.reconstruct(paths, 0.08, keys=["0.weight", "0.bias"])
+    head = posthoc.reconstruct(paths[4:], 0.08, keys=["2.weight", "2.bias"])
+    missing, unexpected = model.load_state_dict({**body, **head}, strict=False)
+    assert not missing and not unexpected
