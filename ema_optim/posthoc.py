@@ -204,8 +204,9 @@ def solve(
         A float64 tensor of shape ``(len(t_in), len(t_out))``.
 
     Raises:
-        ValueError: mismatched lengths, ``t <= 0``, ``gamma < 0``, or a singular system (e.g.
-            the same input profile twice).
+        ValueError: mismatched lengths, ``t <= 0``, ``gamma < 0``, a singular system (e.g.
+            the same input profile twice), or a target that the inputs cannot express (its
+            coefficients sum to about 0, e.g. a target time far after the inputs').
 
     Example:
         >>> x = solve([100, 100, 200], [6.9, 17.0, 6.9], [200], [17.0])
@@ -222,9 +223,17 @@ def solve(
         raise ValueError(
             f"the input profiles give a singular system ({err}); are some of them the same?"
         ) from err
-    total = x.sum(dim=0)
-    if not torch.isfinite(x).all() or (total.abs() < 1e-8).any():
+    if not torch.isfinite(x).all():
         raise ValueError("the input profiles give a singular system; are some of them the same?")
+    total = x.sum(dim=0)
+    tiny = (total.abs() < 1e-8).nonzero().flatten().tolist()
+    if tiny:  # normalising would blow up noise: the inputs hold (almost) nothing of this target
+        j = tiny[0]
+        raise ValueError(
+            f"target {j} (t={t_o[j].item():g}, gamma={g_o[j].item():g}) barely overlaps the input profiles "
+            f"(the least-squares coefficients sum to {total[j].item():.3g}, not about 1): it cannot be "
+            f"expressed by them. Choose a target time within the inputs' (latest t: {t_i.max().item():g})."
+        )
     return x / total
 
 

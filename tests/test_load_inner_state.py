@@ -93,3 +93,59 @@ def test_a_step_that_is_not_a_number_is_still_refused(bad):
     with pytest.raises(ValueError, match=r"state\[0\]\['step'\] must be a number or a one-element tensor"):
         opt.load_state_dict(sd)
     assert all(torch.equal(opt.state[p]["step"], b) for p, b in zip(ps, before))
+
+
+# ---------------------------------------------------------------- inner keys that look like shadows
+
+
+class SGDWithOwnAverage(torch.optim.SGD):
+    """An inner optimizer that keeps state entries named like shadows but not shadows:
+    ``"ema_0"`` (its own running mean of the weights) and ``"ema_01"`` (a count)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if "ema_0" not in state:
+                    state["ema_0"], state["ema_01"] = torch.zeros_like(p), torch.zeros(())
+                state["ema_01"] += 1
+                state["ema_0"].lerp_(p, 1 / state["ema_01"])
+        return loss
+
+
+def test_ema_0_and_ema_01_are_inner_state_not_shadows():
+    from ema_optim import _shadows
+
+    for name in ("ema_0", "ema_01", "ema_00", "ema_", "ema_x", "ema_0:bn.running_mean"):
+        assert not _shadows.is_key(name) and not _shadows.is_param_key(name), name
+    for name in ("ema", "ema_1", "ema_10", "ema:bn.running_mean", "ema_2:bn.running_mean"):
+        assert _shadows.is_key(name), name
+
+    ps = params()
+    opt = EMAOptimizer(SGDWithOwnAverage(ps, lr=0.1), decay=(0.9, 0.5))
+    for n in range(3):
+        step(opt, ps, n)
+    sd = copy.deepcopy(opt.state_dict())
+    assert set(sd["state"][0]) == {"ema_0", "ema_01", "ema", "ema_1"}
+
+    again = params(seed=1)
+    fresh = EMAOptimizer(SGDWithOwnAverage(again, lr=0.1), decay=(0.9, 0.5))
+    step(fresh, again, 0)
+    fresh.load_state_dict(sd)
+    for p, q in zip(ps, again):
+        with torch.no_grad():
+            q.copy_(p)
+        for k in ("ema_0", "ema_01", "ema", "ema_1"):  # the inner entries went to the inner optimizer
+            assert torch.equal(fresh.state[q][k], opt.state[p][k]), k
+    with fresh.swap_ema_weights(1):  # the swap puts shadow 1 in, never "ema_0"
+        assert all(torch.equal(q, opt.state[p]["ema_1"]) for p, q in zip(ps, again))
+    for n in range(3, 5):  # and resumes exactly
+        step(opt, ps, n)
+        step(fresh, again, n)
+    for p, q in zip(ps, again):
+        assert torch.equal(p, q)
+        assert all(
+            torch.equal(fresh.state[q][k], opt.state[p][k]) for k in ("ema_0", "ema_01", "ema", "ema_1")
+        )

@@ -166,6 +166,19 @@ def test_solve_bad_input(args, match):
         posthoc.solve(*args)
 
 
+def test_solve_refuses_a_target_the_inputs_cannot_express():
+    """Far after the inputs, a narrow target barely overlaps them: the coefficients sum to ~7e-11
+    (checked against the quadrature Gram matrix), and normalising them would blow noise up."""
+    t_in, g_in = [10, 20], [1.0, 2.0]
+    raw = torch.linalg.solve(
+        quadrature_gram(t_in, g_in, t_in, g_in), quadrature_gram(t_in, g_in, [1000], [5.0])
+    )
+    assert 0 < abs(raw.sum().item()) < 1e-8
+    with pytest.raises(ValueError, match=r"target 1 \(t=1000, gamma=5\) barely overlaps the input profiles"):
+        posthoc.solve(t_in, g_in, [20, 1000], [1.5, 5.0])
+    assert posthoc.solve(t_in, g_in, [20], [1.5]).sum().item() == pytest.approx(1.0)
+
+
 # ---------------------------------------------------------------------------- reconstruct: accuracy
 
 P, T, EVERY = 256, 4096, 64
