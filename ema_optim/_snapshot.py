@@ -101,7 +101,8 @@ def snapshot(opt: Any, model: Optional[torch.nn.Module] = None, dtype: Optional[
         model: if given, the shadows are keyed by the names of its parameters (so the
             reconstruction loads with ``model.load_state_dict(result, strict=False)``);
             otherwise by the param indices of ``opt.state_dict()``. Averaged buffers are
-            keyed by their buffer names either way.
+            keyed by their buffer names either way. Params of a group turned out of the EMA
+            (``"ema": False``) are left out: their shadows stopped.
         dtype: store the shadows in this dtype (``torch.float16`` halves the storage of float32
             shadows at the cost of about 3-5e-3 in the reconstruction error); default the
             shadow dtype. The tensors are copies on the shadows' device. A value that the
@@ -121,6 +122,9 @@ def snapshot(opt: Any, model: Optional[torch.nn.Module] = None, dtype: Optional[
     power = _power_shadows(opt)
     sd = opt.state_dict()
     names = _param_names(opt, model)
+    # Params whose group left the EMA ("ema": False) keep their shadows as they were: stale, not
+    # the power EMA at ema_updates, so they are left out (buffer shadows go with the EMA anyway).
+    stale = {i for g in sd["param_groups"] if g.get("ema", True) is False for i in g.get("params", ())}
     shadows: list[dict[Union[int, str], Tensor]] = []
     copies: list[tuple[int, Union[int, str], Tensor, Tensor]] = []  # (shadow, key, value, copy)
     for k, _ in power:
@@ -129,7 +133,7 @@ def snapshot(opt: Any, model: Optional[torch.nn.Module] = None, dtype: Optional[
         buffers: dict[Union[int, str], Tensor] = {}  # a buffer's shadows, by buffer name
         for i, s in sd["state"].items():
             for name, value in s.items() if isinstance(s, Mapping) else ():
-                if name == key:
+                if name == key and i not in stale:
                     found[names[i]] = _copy(value, dtype)
                     copies.append((k, names[i], value, found[names[i]]))
                 elif isinstance(name, str) and name.startswith(key + ":"):  # a buffer's shadow

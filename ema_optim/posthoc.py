@@ -391,8 +391,10 @@ def _wanted_keys(
         dropped = [k for k in headers[i][2] if k not in have[used[-1]]]
         if dropped:
             raise ValueError(
-                f"{where[i]} has the key {dropped[0]!r}, {where[used[-1]]} (the latest used) has not; "
-                "are they from the same model? Leave out the snapshots of another model."
+                f"{where[i]} has the key {dropped[0]!r}, {where[used[-1]]} (the latest used) has not: "
+                "are they from the same model, or did its param group leave the EMA ('ema': False)? "
+                "Leave out the snapshots of another model, or reconstruct the keys that the latest "
+                "snapshot has (keys=...)."
             )
         added = [k for k in latest if k not in have[i]]
         if added:

@@ -851,3 +851,25 @@ def test_add_param_group_then_reconstruct(tmp_path):
     head = posthoc.reconstruct(paths[4:], 0.08, keys=["2.weight", "2.bias"])
     missing, unexpected = model.load_state_dict({**body, **head}, strict=False)
     assert not missing and not unexpected
+
+
+def test_a_group_that_left_the_ema_is_left_out_of_snapshots():
+    """Its shadows stopped: they are not the power EMAs at the snapshot's ema_updates."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    decay = (schedules.power(sigma_rel=0.05), schedules.power(sigma_rel=0.10))
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters()}]
+    opt = EMAOptimizer(torch.optim.SGD(groups, lr=0.05), decay=decay)
+    snaps = []
+    for n in range(1, 13):
+        if n == 7:
+            opt.param_groups[1]["ema"] = False
+        train(model, opt, 1, seed=n)
+        if n % 3 == 0:
+            snaps.append(posthoc.snapshot(opt, model))
+    assert [set(s["shadows"][0]) for s in snaps] == [{"0.weight", "0.bias", "2.weight", "2.bias"}] * 2 + [
+        {"0.weight", "0.bias"}
+    ] * 2
+    with pytest.raises(ValueError, match=r"snapshot 0 has the key '2\.weight'.*'ema': False.*keys="):
+        posthoc.reconstruct(snaps, 0.08)
+    assert set(posthoc.reconstruct(snaps, 0.08, keys=["0.weight", "0.bias"])) == {"0.weight", "0.bias"}
