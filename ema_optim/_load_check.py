@@ -241,18 +241,24 @@ def _shadows_of(
 
 
 def _checked_shadow(k: Any, name: str, p: Tensor, value: Any) -> Tensor:
-    where = f"state[{k!r}][{name!r}]"
+    """``value`` as the shadow ``name`` of ``p``: a param's (``k`` its state dict id) or a
+    buffer's (``name`` is ``"ema:<buffer>"``)."""
+    if _shadows.is_key(name) and ":" in name:
+        buffer = _shadows.split_buffer_key(name)[1]
+        where, its = f"the shadow {name!r} of the buffer {buffer!r}", "the buffer"
+    else:
+        where, its = f"state[{k!r}][{name!r}]", "its param"
     if not isinstance(value, Tensor) or not _shadows.is_float(value) or value.is_complex() != p.is_complex():
         kind = f"{value.dtype} tensor" if isinstance(value, Tensor) else type(value).__name__
         like = "complex" if p.is_complex() else "real"
-        raise ValueError(f"{where} must be a {like} floating tensor like its param, got a {kind}")
+        raise ValueError(f"{where} must be a {like} floating tensor like {its}, got a {kind}")
     if value.is_meta:
         raise ValueError(f"{where} is a meta tensor: it holds no values")
     if value.shape != p.shape:
-        raise ValueError(f"{where} has shape {tuple(value.shape)}, its param has {tuple(p.shape)}")
+        raise ValueError(f"{where} has shape {tuple(value.shape)}, {its} has {tuple(p.shape)}")
     if (_kernels.local(value) is value) != (_kernels.local(p) is p):
         raise ValueError(
-            f"{where} and its param must both be DTensors or both plain tensors; "
+            f"{where} and {its} must both be DTensors or both plain tensors; "
             "for sharded models load through torch.distributed.checkpoint's set_optimizer_state_dict"
         )
     return value
@@ -270,9 +276,12 @@ def _check_inner_state(k: Any, p: Tensor, saved: Mapping, current: Mapping) -> N
             )
     for kk, v in given.items():
         cur = current.get(kk)
-        if kk in SCALARS and not _is_number(v):
-            kind = type(v).__name__
-            raise ValueError(f"state[{k!r}][{kk!r}] must be a number or a one-element tensor, got {kind}")
+        if kk in SCALARS:
+            if not _is_number(v):
+                kind = type(v).__name__
+                raise ValueError(f"state[{k!r}][{kk!r}] must be a number or a one-element tensor, got {kind}")
+            if not isinstance(v, Tensor):  # a Python number (older torch): torch's optimizers take it
+                continue
         tensor_expected = isinstance(cur, Tensor) or kk in PARAM_SHAPED
         if not isinstance(v, Tensor):
             if tensor_expected and not (kk == "momentum_buffer" and v is None):
@@ -311,8 +320,9 @@ def _describe(c: Counters) -> str:
 FLAG_STATE = {"amsgrad": "max_exp_avg_sq", "centered": "grad_avg"}
 
 
-# Stock torch.optim state entries that are one number (a float, or a 0-dim tensor).
-SCALARS = frozenset({"step", "eta", "mu"})
+# Stock torch.optim state entries that are one number: a 0-dim tensor, or a Python number, which
+# torch's optimizers turn back into a tensor on load (older torch versions saved "step" so).
+SCALARS = frozenset({"step", "eta", "mu", "mu_product"})
 
 
 # Stock torch.optim state entries that always have their param's shape.

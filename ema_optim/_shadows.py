@@ -343,9 +343,10 @@ def _check_buffer_pair(shadow: Any, buf: Tensor, name: str, shadow_key: str) -> 
         got = tuple(shadow.shape) if isinstance(shadow, Tensor) else type(shadow).__name__
         raise ValueError(
             f"the averaged buffer {name!r} now has shape {tuple(buf.shape)}, its shadow {shadow_key!r} has "
-            f"{got}: a buffer replaced by name must keep its shape. Load a state dict that "
-            f"fits, or drop the stale shadow (for s in opt.state.values(): s.pop({shadow_key!r}, None)) to "
-            "restart its EMA from the current buffer."
+            f"{got}: a buffer replaced by name must keep its shape. Load a state dict that fits, or "
+            "drop all the shadows of this buffer at once, which restarts its EMA from the current "
+            f"buffer: `for s, k in [(s, k) for s in opt.state.values() for k in s "
+            f"if str(k).endswith({':' + name!r})]: del s[k]`"
         )
 
 
@@ -362,8 +363,10 @@ def _check_pair(shadow: Any, p: Tensor, name: str, where: Callable[[], str] = la
         got = tuple(shadow.shape) if isinstance(shadow, Tensor) else type(shadow).__name__
         raise ValueError(
             f"{where()} (shape {tuple(p.shape)}) has a shadow state[p][{name!r}] of shape {got}: the param "
-            "was replaced (p.data = ...) after its shadow was made. Load a state dict that fits, or "
-            f"drop the stale shadow (opt.state[p].pop({name!r})) to restart its EMA from the current weights."
+            "was replaced (p.data = ...) after its shadows were made. Load a state dict that fits, or "
+            "drop all the shadows of this param p at once ('ema', 'ema_1', ...), which restarts its EMA "
+            "from the current weights: `for k in [k for k in opt.state[p] if k == 'ema' or "
+            "str(k).startswith('ema_') and k[4:].isdigit()]: del opt.state[p][k]`"
         )
 
 

@@ -12,8 +12,11 @@ VERSION = 1
 
 def _power_shadows(opt: Any) -> list[tuple[int, float]]:
     """``(k, gamma)`` of each shadow of ``opt`` whose decay is a :func:`schedules.power` schedule."""
+    from .schedules import _power_gamma  # here: schedules imports posthoc, which imports this module
+
     decays = opt.decay if isinstance(opt.decay, (tuple, list)) else (opt.decay,)
-    found = [(k, float(d.gamma)) for k, d in enumerate(decays) if getattr(d, "gamma", None) is not None]
+    gammas = [(k, _power_gamma(d)) for k, d in enumerate(decays)]
+    found = [(k, g) for k, g in gammas if g is not None]
     if not found:
         raise ValueError(
             f"the optimizer has no power shadow (decay={opt.decay!r}); post-hoc EMA needs shadows "
@@ -52,6 +55,39 @@ def _copy(value: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
     return value.detach().to(dtype=dtype or value.dtype, copy=True)
 
 
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (FSDP2), else the tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def _check_range(copies: list[tuple[int, Union[int, str], Tensor, Tensor]], dtype: torch.dtype) -> None:
+    """Refuse a snapshot whose cast to ``dtype`` turned finite values into inf (fp16 beyond 65504).
+
+    One flag per tensor, read on the host once for the whole snapshot. Values that were already
+    inf or NaN are kept as they are: the dtype did not make them. Under FSDP2 each rank checks
+    its own shards.
+    """
+    if not copies:
+        return
+    flags = [(torch.isinf(_local(c)) & torch.isfinite(_local(v))).any() for _, _, v, c in copies]
+    device = flags[0].device
+    overflowed = torch.stack([f.to(device) for f in flags]).tolist()
+    bad = [(k, key, v) for (k, key, v, _), over in zip(copies, overflowed) if over]
+    if bad:
+        k, key, value = bad[0]
+        top = _local(value).abs().max().item()
+        shadow = "ema" if k == 0 else f"ema_{k}"
+        where = f"param {key}" if isinstance(key, int) else repr(key)
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ValueError(
+            f"snapshot(dtype={dtype}): the shadow {shadow!r} of {where}{more} holds values up to "
+            f"{top:.4g}, beyond what {dtype} can hold (max {torch.finfo(dtype).max:.6g}); they would be "
+            "saved as inf. Take the snapshot in torch.bfloat16 (float32's range, half the storage) or in the "
+            "shadow dtype (dtype=None)."
+        )
+
+
 def snapshot(opt: Any, model: Optional[torch.nn.Module] = None, dtype: Optional[torch.dtype] = None) -> dict:
     """What :func:`reconstruct` needs from ``opt`` now: its EMA update count and its power shadows.
 
@@ -65,37 +101,50 @@ def snapshot(opt: Any, model: Optional[torch.nn.Module] = None, dtype: Optional[
         model: if given, the shadows are keyed by the names of its parameters (so the
             reconstruction loads with ``model.load_state_dict(result, strict=False)``);
             otherwise by the param indices of ``opt.state_dict()``. Averaged buffers are
-            keyed by their buffer names either way.
+            keyed by their buffer names either way. Params of a group turned out of the EMA
+            (``"ema": False``) are left out: their shadows stopped.
         dtype: store the shadows in this dtype (``torch.float16`` halves the storage of float32
             shadows at the cost of about 3-5e-3 in the reconstruction error); default the
-            shadow dtype. The tensors are copies on the shadows' device.
+            shadow dtype. The tensors are copies on the shadows' device. A value that the
+            dtype cannot hold (beyond 65504 in float16, e.g. a BatchNorm ``running_var``) is
+            refused rather than saved as inf.
 
     Returns:
         ``{"version": 1, "ema_updates": int, "gamma": [float, ...], "shadows": [{key: Tensor}, ...]}``.
 
     Raises:
-        ValueError: no power shadow, no shadows yet (take snapshots after ``opt.step()``), or
-            a param of ``opt`` missing from ``model``.
+        ValueError: no power shadow, no shadows yet (take snapshots after ``opt.step()``), a
+            param of ``opt`` missing from ``model``, or a finite value that ``dtype`` would turn
+            into inf (the message names its key).
     """
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
     power = _power_shadows(opt)
     sd = opt.state_dict()
     names = _param_names(opt, model)
+    # Params whose group left the EMA ("ema": False) keep their shadows as they were: stale, not
+    # the power EMA at ema_updates, so they are left out (buffer shadows go with the EMA anyway).
+    stale = {i for g in sd["param_groups"] if g.get("ema", True) is False for i in g.get("params", ())}
     shadows: list[dict[Union[int, str], Tensor]] = []
+    copies: list[tuple[int, Union[int, str], Tensor, Tensor]] = []  # (shadow, key, value, copy)
     for k, _ in power:
         key = "ema" if k == 0 else f"ema_{k}"
         found: dict[Union[int, str], Tensor] = {}  # by param name or index
         buffers: dict[Union[int, str], Tensor] = {}  # a buffer's shadows, by buffer name
         for i, s in sd["state"].items():
             for name, value in s.items() if isinstance(s, Mapping) else ():
-                if name == key:
+                if name == key and i not in stale:
                     found[names[i]] = _copy(value, dtype)
+                    copies.append((k, names[i], value, found[names[i]]))
                 elif isinstance(name, str) and name.startswith(key + ":"):  # a buffer's shadow
-                    buffers[name[len(key) + 1 :]] = _copy(value, dtype)
+                    buffer = name[len(key) + 1 :]
+                    buffers[buffer] = _copy(value, dtype)
+                    copies.append((k, buffer, value, buffers[buffer]))
         shadows.append({**found, **buffers})
     if not any(shadows):
         raise ValueError("the optimizer has no shadows yet; take snapshots after opt.step()")
+    if dtype is not None:
+        _check_range([c for c in copies if c[2].dtype != dtype], dtype)
     return {
         "version": VERSION,
         "ema_updates": _ema_updates(sd),

@@ -336,9 +336,11 @@ class EMAOptimizer(Optimizer):
 
         Args:
             index: which shadow to swap in (0 for the first ``decay``; ``k`` for ``decay[k]``).
+                Negative values count from the last, as for a sequence: with ``n`` shadows,
+                ``index`` is in ``[-n, n - 1]`` and ``-1`` is the last.
 
         Raises:
-            IndexError: ``index`` names no shadow (nothing is changed).
+            IndexError: ``index`` is outside ``[-n, n - 1]`` (nothing is changed).
             RuntimeError: a swap is already active (nothing is changed).
 
         Example:
@@ -358,7 +360,8 @@ class EMAOptimizer(Optimizer):
         if not -self._spec.count <= index < self._spec.count:
             raise IndexError(
                 f"swap_ema_weights({index}): this optimizer keeps {self._spec.count} shadow(s) "
-                f"(one per decay), so index must be in [0, {self._spec.count - 1}]"
+                f"(one per decay), so index must be in [-{self._spec.count}, {self._spec.count - 1}] "
+                "(negative values count from the last, as for a sequence)"
             )
         if self._rt.swapped is not None:
             raise RuntimeError("swap_ema_weights() is already active; it cannot be nested")

@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -54,6 +54,12 @@ from ._snapshot import VERSION, snapshot
 __all__ = ["sigma_rel_to_gamma", "gamma_to_sigma_rel", "snapshot", "solve", "reconstruct"]
 
 SIGMA_REL_MAX = 12.0**-0.5  # gamma = 0, the arithmetic mean (uniform profile)
+# Beyond these the float64 arithmetic of the profiles overflows (the cubic below at gamma ~ 5e102,
+# the inner products in solve at ~1e154); such a profile is the latest weights anyway: its decay
+# (t / (t + 1)) ** (gamma + 1) is 0.0 for any t a run reaches.
+GAMMA_MAX = 1e100
+SIGMA_REL_MIN = 1e-100  # sigma_rel of GAMMA_MAX, to float64 precision
+_TOO_SHORT = "; for an average that is just the latest weights use decay=0.0"
 
 Snapshot = Union[Mapping[str, Any], str, "os.PathLike[str]"]
 
@@ -78,9 +84,10 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
 
     Args:
         sigma_rel: in ``(0, 12 ** -0.5]``; ``12 ** -0.5`` is ``gamma = 0``, the arithmetic mean.
+            Below ``1e-100`` (``gamma`` above ``1e100``) float64 cannot evaluate the profile.
 
     Raises:
-        ValueError: ``sigma_rel`` outside ``(0, 12 ** -0.5]``.
+        ValueError: ``sigma_rel`` outside ``[1e-100, 12 ** -0.5]``.
 
     Example:
         >>> round(sigma_rel_to_gamma(0.05), 6), round(sigma_rel_to_gamma(0.10), 6)
@@ -91,6 +98,11 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
         raise ValueError(
             f"sigma_rel must be in (0, 12 ** -0.5 = {SIGMA_REL_MAX:.6f}], got {s}; "
             "12 ** -0.5 is the arithmetic mean, smaller values average over a shorter recent window"
+        )
+    if s < SIGMA_REL_MIN:
+        raise ValueError(
+            f"sigma_rel={s} is too small to compute with: its gamma would exceed {GAMMA_MAX:g}, beyond "
+            f"float64's reach; use sigma_rel >= {SIGMA_REL_MIN:g}{_TOO_SHORT}"
         )
     q = s**-2
     # f(g) = (g + 2)^2 (g + 3) - q (g + 1) is convex for g > -7/3 and positive at g = 1/s, so
@@ -110,10 +122,10 @@ def gamma_to_sigma_rel(gamma: float) -> float:
     """The relative width ``sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))`` of a power profile.
 
     Args:
-        gamma: the exponent, a finite number >= 0.
+        gamma: the exponent, in ``[0, 1e100]`` (beyond, float64 cannot evaluate the profile).
 
     Raises:
-        ValueError: ``gamma`` negative or not finite.
+        ValueError: ``gamma`` negative, above ``1e100`` or not finite.
 
     Example:
         >>> gamma_to_sigma_rel(0.0) == 12 ** -0.5
@@ -122,6 +134,11 @@ def gamma_to_sigma_rel(gamma: float) -> float:
     g = _check_number("gamma", gamma)
     if g < 0.0:
         raise ValueError(f"gamma must be >= 0, got {g} (gamma = 0 is the arithmetic mean)")
+    if g > GAMMA_MAX:
+        raise ValueError(
+            f"gamma={g:g} is too large to compute with: use gamma <= {GAMMA_MAX:g} (sigma_rel >= "
+            f"{SIGMA_REL_MIN:g}), beyond which float64 overflows{_TOO_SHORT}"
+        )
     return math.sqrt((g + 1.0) / ((g + 2.0) ** 2 * (g + 3.0)))
 
 
@@ -187,8 +204,9 @@ def solve(
         A float64 tensor of shape ``(len(t_in), len(t_out))``.
 
     Raises:
-        ValueError: mismatched lengths, ``t <= 0``, ``gamma < 0``, or a singular system (e.g.
-            the same input profile twice).
+        ValueError: mismatched lengths, ``t <= 0``, ``gamma < 0``, a singular system (e.g.
+            the same input profile twice), or a target that the inputs cannot express (its
+            coefficients sum to about 0, e.g. a target time far after the inputs').
 
     Example:
         >>> x = solve([100, 100, 200], [6.9, 17.0, 6.9], [200], [17.0])
@@ -205,27 +223,68 @@ def solve(
         raise ValueError(
             f"the input profiles give a singular system ({err}); are some of them the same?"
         ) from err
-    total = x.sum(dim=0)
-    if not torch.isfinite(x).all() or (total.abs() < 1e-8).any():
+    if not torch.isfinite(x).all():
         raise ValueError("the input profiles give a singular system; are some of them the same?")
+    total = x.sum(dim=0)
+    tiny = (total.abs() < 1e-8).nonzero().flatten().tolist()
+    if tiny:  # normalising would blow up noise: the inputs hold (almost) nothing of this target
+        j = tiny[0]
+        raise ValueError(
+            f"target {j} (t={t_o[j].item():g}, gamma={g_o[j].item():g}) barely overlaps the input profiles "
+            f"(the least-squares coefficients sum to {total[j].item():.3g}, not about 1): it cannot be "
+            f"expressed by them. Choose a target time within the inputs' (latest t: {t_i.max().item():g})."
+        )
     return x / total
 
 
 # ---------------------------------------------------------------------------- reconstruct
 
 
-def _load(source: Snapshot) -> Mapping[str, Any]:
+def _sources(snapshots: Any) -> list:
+    """``snapshots`` as a list, refusing one path or one snapshot where a list is expected (a
+    string would otherwise be read as a list of one-character paths)."""
+    what = "snapshots must be a list of snapshot dicts or of paths"
+    if isinstance(snapshots, (str, bytes, os.PathLike)):
+        raise TypeError(
+            f"{what}, got a single path {os.fsdecode(snapshots)!r}; pass [path] for one file, or "
+            "sorted(glob.glob(...)) for the snapshot files of a directory"
+        )
+    if isinstance(snapshots, Mapping):
+        raise TypeError(
+            f"{what}, got a single snapshot dict; pass a list of them, [snapshot, ...] (a "
+            "reconstruction needs the snapshots of the whole run)"
+        )
+    try:
+        return list(snapshots)
+    except TypeError as err:
+        raise TypeError(f"{what}, got {type(snapshots).__name__}") from err
+
+
+def _load(source: Snapshot, where: str) -> Mapping[str, Any]:
     """A snapshot dict as is, or a saved one memory-mapped: its tensors are read from disk when used."""
     if isinstance(source, Mapping):
         return source
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
-            f"each snapshot must be a dict from snapshot() or a path, got {type(source).__name__}"
+            f"each snapshot must be a dict from snapshot() or a path, got {type(source).__name__} ({where})"
+        )
+    if os.path.isdir(source):
+        raise ValueError(
+            f"{where} is a directory; pass the snapshot files in it, e.g. sorted(glob.glob(...))"
         )
     try:
-        return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # a file in torch's legacy format cannot be memory-mapped
-        return torch.load(source, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a file in torch's legacy format cannot be memory-mapped
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except OSError:  # a missing or unreadable file: the error names it
+        raise
+    except Exception as err:  # noqa: BLE001 - torch.load's errors do not name the file
+        raise ValueError(
+            f"{where} could not be read ({type(err).__name__}: {err}); it may be truncated (a run "
+            "stopped while saving) or not a file from torch.save(posthoc.snapshot(...)). Leave it out "
+            "of the list (the reconstruction then has one snapshot less) or save it again."
+        ) from err
 
 
 def _header(snap: Mapping[str, Any], where: str) -> tuple[int, list[float], list]:
@@ -296,10 +355,78 @@ def _inputs(headers: list[tuple[int, list[float], list]], target: int) -> list[t
     return inputs
 
 
-def _accumulate_(acc: list[dict], shadow: Mapping, weights: Tensor, keys: list) -> None:
-    for out, x in zip(acc, weights.tolist()):
-        for key in keys:
-            value = shadow[key]
+def _wanted_keys(
+    headers: list[tuple[int, list[float], list]], used: list[int], where: list[str], keys: Any
+) -> list:
+    """The keys to reconstruct: ``keys`` if given (each in every snapshot used, ``used`` by
+    time), else the keys of the snapshots used, which must then all have the same ones."""
+    have = {i: set(headers[i][2]) for i in used}
+
+    def first_with(key: Any) -> str:  # the first snapshot from which on every one used has it
+        last_without = max(j for j in used if key not in have[j])
+        return where[used[used.index(last_without) + 1]]
+
+    if keys is not None:
+        if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable):
+            raise TypeError(
+                f"keys must be a list of snapshot keys, got {type(keys).__name__}; e.g. [{keys!r}]"
+            )
+        wanted = list(dict.fromkeys(keys))
+        if not wanted:
+            raise ValueError("keys is empty; pass the snapshot keys to reconstruct, or keys=None for all")
+        for key in wanted:
+            if all(key not in have[i] for i in used):
+                raise ValueError(f"{key!r} is in none of the snapshots used ({where[used[0]]} and later)")
+            if key not in have[used[-1]]:
+                raise ValueError(f"{key!r} is not in {where[used[-1]]}, the latest snapshot used")
+            lacking = next((i for i in used if key not in have[i]), None)
+            if lacking is not None:
+                raise ValueError(
+                    f"{where[lacking]} has no {key!r}; every snapshot used for a key must have it: "
+                    f"reconstruct {key!r} from {first_with(key)} and later"
+                )
+        return wanted
+    latest = headers[used[-1]][2]
+    for i in used:
+        dropped = [k for k in headers[i][2] if k not in have[used[-1]]]
+        if dropped:
+            raise ValueError(
+                f"{where[i]} has the key {dropped[0]!r}, {where[used[-1]]} (the latest used) has not: "
+                "are they from the same model, or did its param group leave the EMA ('ema': False)? "
+                "Leave out the snapshots of another model, or reconstruct the keys that the latest "
+                "snapshot has (keys=...)."
+            )
+        added = [k for k in latest if k not in have[i]]
+        if added:
+            more = f" (and {len(added) - 1} more)" if len(added) > 1 else ""
+            since = first_with(added[0])
+            raise ValueError(
+                f"{added[0]!r}{more} is in {since} and later but not in {where[i]}, also used for this "
+                "step: a param added with add_param_group has no snapshots from before it was added, "
+                "so it cannot be reconstructed with the others. Reconstruct the keys that every "
+                f"snapshot has from all of them (keys=..., e.g. the keys of {where[used[0]]}), and the "
+                f"added ones from {since} and later (keys=[{added[0]!r}, ...]); or reconstruct at a "
+                "step before they were added."
+            )
+    return list(latest)
+
+
+def _accumulate_(
+    acc: list[dict], shadow: Mapping, weights: Tensor, keys: list, where: str, first: dict
+) -> None:
+    """Add ``weights[j] * shadow`` into target ``j``'s sums. ``first`` keeps, per key, the shape
+    and the place of the first tensor summed under it, to name both when another differs."""
+    for key in keys:
+        value = shadow[key]
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{where}: {key!r} is a {type(value).__name__}, not a tensor")
+        shape, seen = first.setdefault(key, (value.shape, where))
+        if value.shape != shape:
+            raise ValueError(
+                f"{where}: {key!r} has shape {tuple(value.shape)}, {seen} has {tuple(shape)}; the "
+                "snapshots of one reconstruction must come from one model: leave out the others"
+            )
+        for out, x in zip(acc, weights.tolist()):
             if key not in out:  # float64 sums; MPS has no float64
                 wide = torch.float32 if value.device.type == "mps" else torch.float64
                 out[key] = torch.zeros_like(value, dtype=wide)
@@ -313,6 +440,7 @@ def reconstruct(
     gamma: Union[float, Sequence[float], None] = None,
     step: Optional[int] = None,
     dtype: torch.dtype = torch.float32,
+    keys: Optional[Iterable] = None,
 ) -> Union[dict, list[dict]]:
     """The power-function EMA of width ``sigma_rel`` (or exponent ``gamma``) at time ``step``, from snapshots.
 
@@ -329,6 +457,12 @@ def reconstruct(
         step: the target time in EMA updates; it must be the ``ema_updates`` of one snapshot.
             Default: the latest snapshot.
         dtype: dtype of the returned tensors.
+        keys: reconstruct only these keys (each must be in every snapshot used; others are
+            ignored). Default: every key, which the snapshots used must then all have. Params
+            added with ``add_param_group`` appear only in the snapshots taken after they were
+            added: reconstruct the other keys from all snapshots and these from those snapshots
+            (before it was added, a param's EMA is its weights when it was added, as in its
+            tracked shadows).
 
     Returns:
         ``{key: tensor}`` with the snapshots' keys (``model.load_state_dict(result,
@@ -336,35 +470,34 @@ def reconstruct(
         such dicts when a list of targets is passed.
 
     Raises:
+        TypeError: ``snapshots`` is one path or one snapshot instead of a list of them.
         ValueError: no or both of ``sigma_rel``/``gamma``, a value out of range, ``step`` not a
             snapshot time, fewer than two distinct input profiles, a singular system, or
-            snapshots that are not from :func:`snapshot` or disagree on their keys.
+            snapshots that are not from :func:`snapshot`, cannot be read, or disagree on their
+            keys or shapes (the message names the snapshot, by index and path, and the key),
+            e.g. keys added with ``add_param_group`` (see ``keys``).
     """
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     targets, many = _targets(sigma_rel, gamma)
-    sources = list(snapshots)
+    sources = _sources(snapshots)
     if not sources:
         raise ValueError(
             "no snapshots given; pass the dicts from posthoc.snapshot() or the paths they were saved to"
         )
     where = [f"snapshot {i}" + ("" if isinstance(s, Mapping) else f" ({s})") for i, s in enumerate(sources)]
-    headers = [_header(_load(s), w) for s, w in zip(sources, where)]
+    headers = [_header(_load(s, w), w) for s, w in zip(sources, where)]
     target = _target_step([h[0] for h in headers], step)
     inputs = _inputs(headers, target)
+    keys = _wanted_keys(headers, list(dict.fromkeys(i for i, *_ in inputs)), where, keys)
     x = solve([t for *_, t, _ in inputs], [g for *_, g in inputs], [target] * len(targets), targets)
-    keys = headers[inputs[0][0]][2]
-    for i, *_ in inputs:
-        if set(headers[i][2]) != set(keys):
-            raise ValueError(
-                f"{where[i]} has other keys than {where[inputs[0][0]]}; are they from the same model?"
-            )
     acc: list[dict] = [{} for _ in targets]
+    first: dict = {}  # key -> (shape, where) of the first tensor summed under it
     for i in dict.fromkeys(i for i, *_ in inputs):  # by time, each once
-        shadows = _load(sources[i])["shadows"]
+        shadows = _load(sources[i], where[i])["shadows"]
         for row, (snap, j, _, _) in enumerate(inputs):
             if snap == i:
-                _accumulate_(acc, shadows[j], x[row], keys)
+                _accumulate_(acc, shadows[j], x[row], keys, f"{where[i]}, shadow {j}", first)
         del shadows  # one snapshot in memory at a time
     result = [{key: out[key].to(dtype) for key in keys} for out in acc]
     return result if many else result[0]

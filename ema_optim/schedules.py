@@ -185,12 +185,15 @@ def power(gamma: float | None = None, *, sigma_rel: float | None = None) -> Sche
     reconstruct any other ``sigma_rel`` afterwards.
 
     Args:
-        gamma: the exponent, >= 0.
-        sigma_rel: the relative width instead, in ``(0, 12 ** -0.5]``; EDM2 tracks 0.05 and 0.10.
+        gamma: the exponent, in ``[0, 1e100]``.
+        sigma_rel: the relative width instead, in ``[1e-100, 12 ** -0.5]``; EDM2 tracks 0.05 and
+            0.10. (The float64 arithmetic of the profile overflows beyond these bounds.)
 
     Returns:
-        The schedule, with attributes ``gamma`` and ``sigma_rel``
-        (``sigma_rel = sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))``).
+        The schedule, with read-only attributes ``gamma`` and ``sigma_rel``
+        (``sigma_rel = sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))``). Only schedules
+        made by ``power()`` count as power profiles in :mod:`ema_optim.posthoc`, not other
+        callables with a ``gamma`` attribute.
 
     Raises:
         ValueError: neither or both of ``gamma`` and ``sigma_rel``, or one out of range.
@@ -215,11 +218,36 @@ def power(gamma: float | None = None, *, sigma_rel: float | None = None) -> Sche
     else:
         sigma_rel = gamma_to_sigma_rel(gamma)
         gamma = float(gamma)
-    exponent = gamma + 1.0
+    return _Power(gamma, sigma_rel)
 
-    def decay(t: int) -> float:
-        return (t / (t + 1.0)) ** exponent
 
-    decay.gamma = gamma  # type: ignore[attr-defined]
-    decay.sigma_rel = sigma_rel  # type: ignore[attr-defined]
-    return decay
+class _Power:
+    """The schedule :func:`power` returns. Its class is what marks a power profile: only these
+    shadows go into :func:`ema_optim.posthoc.snapshot` (any callable could have a ``gamma``)."""
+
+    __slots__ = ("_gamma", "_sigma_rel", "_exponent")
+
+    def __init__(self, gamma: float, sigma_rel: float) -> None:
+        self._gamma, self._sigma_rel, self._exponent = gamma, sigma_rel, gamma + 1.0
+
+    @property
+    def gamma(self) -> float:
+        return self._gamma
+
+    @property
+    def sigma_rel(self) -> float:
+        return self._sigma_rel
+
+    def __call__(self, t: int) -> float:
+        return (t / (t + 1.0)) ** self._exponent
+
+    def __repr__(self) -> str:
+        return f"power(gamma={self._gamma!r}, sigma_rel={self._sigma_rel!r})"
+
+    def __reduce__(self) -> tuple:  # pickle and copy: __slots__ and read-only attributes
+        return (_Power, (self._gamma, self._sigma_rel))
+
+
+def _power_gamma(decay: object) -> float | None:
+    """The ``gamma`` of a :func:`power` schedule; None for any other decay."""
+    return decay.gamma if isinstance(decay, _Power) else None

@@ -88,3 +88,33 @@ def test_shadow_is_the_profile_average(update_every, update_after_step):
         torch.testing.assert_close(opt.state[p]["ema"], expected, atol=1e-10, rtol=0)
     # the profile is not flat: the last fold carries a weight far from 1/30
     assert _closed_form([torch.ones(1)] * 29 + [torch.zeros(1)], gamma).item() < 0.6
+
+
+def test_the_profile_is_a_value():
+    """Its gamma cannot drift from its decay, and it pickles (closures do not)."""
+    import copy
+    import pickle
+
+    d = schedules.power(sigma_rel=0.1)
+    with pytest.raises(AttributeError):
+        d.gamma = 3.0
+    for twin in (pickle.loads(pickle.dumps(d)), copy.deepcopy(d)):
+        assert (twin.gamma, twin.sigma_rel) == (d.gamma, d.sigma_rel)
+        assert [twin(t) for t in range(5)] == [d(t) for t in range(5)]
+    assert "gamma=" in repr(d)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"sigma_rel": 1e-200}, {"sigma_rel": 5e-324}, {"gamma": 1e200}, {"gamma": 1e101}, {"gamma": 1e308}],
+)
+def test_values_beyond_float64_are_a_value_error(kwargs):
+    """Not an OverflowError from the arithmetic: a ValueError that says what the limit is."""
+    with pytest.raises(ValueError, match="1e-100|1e\\+100"):
+        schedules.power(**kwargs)
+
+
+def test_the_extremes_that_are_allowed():
+    for d in (schedules.power(gamma=1e100), schedules.power(sigma_rel=1e-100)):
+        assert d.gamma == pytest.approx(1e100, rel=1e-12) and d.sigma_rel == pytest.approx(1e-100, rel=1e-12)
+        assert d(0) == 0.0 and d(10**6) == 0.0  # the average is the latest weights

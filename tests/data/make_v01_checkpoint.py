@@ -1,7 +1,10 @@
 """Writes tests/data/v0.1_checkpoint.pt with ema_optim 0.1 (commit f25954d); kept to show how it was made.
 
 The file holds, after 5 steps: the model, the optimizer state dict and the data generator state;
-and, after 4 more steps in the same run, the weights and shadows an exact resume must reproduce.
+and, after 4 more steps in the same run, the weights and shadows on the CPU that made it
+(``expected_params``/``expected_shadows``). Those last two are kept for the record only: another
+CPU's matmul kernels round differently, so tests/test_old_checkpoint.py computes what 0.1 would do
+on the machine that runs it instead.
 """
 
 import copy
