@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import reprlib
 from collections.abc import Hashable, Mapping
@@ -12,7 +13,16 @@ from torch import Tensor
 
 from . import _kernels, _shadows
 from ._plan import Counters
-from ._state_dict import DECAY_PROD, STEPS, UPDATES, counter_keys, inner_part, is_counter_key
+from ._state_dict import (
+    DECAY_PROD,
+    RECORD,
+    STEPS,
+    UPDATES,
+    counter_keys,
+    inner_part,
+    is_counter_key,
+    is_group_key,
+)
 
 
 class LoadPlan(NamedTuple):
@@ -20,13 +30,20 @@ class LoadPlan(NamedTuple):
     shadows: dict[Tensor, dict[str, Tensor]]  # per param: shadow key -> saved value
     counters: Optional[Counters]  # None: the dict has no EMA (a plain inner-optimizer dict)
     buffer_shadows: dict[str, Tensor]  # buffer shadow key ("ema:bn.running_mean") -> saved value
+    notes: tuple[str, ...] = ()  # warnings to give before anything changes (a changed decay)
 
 
 def check(
-    sd: Any, param_groups: list[dict], state: Mapping, n: int, buffers: Optional[dict[str, Tensor]] = None
+    sd: Any,
+    param_groups: list[dict],
+    state: Mapping,
+    n: int,
+    buffers: Optional[dict[str, Tensor]] = None,
+    decays: Optional[Sequence[Any]] = None,
 ) -> LoadPlan:
     """Validate a whole state dict for an optimizer with ``n`` shadows (and the averaged
-    buffers ``{name: tensor}``, if any); changes nothing."""
+    buffers ``{name: tensor}``, if any; ``decays``: its decay record, see
+    ``_state_dict.record``); changes nothing."""
     if not isinstance(sd, Mapping):
         raise TypeError(f"state_dict must be a dict, got {type(sd).__name__}")
     for name in ("state", "param_groups"):
@@ -55,7 +72,69 @@ def check(
         if k in id_map:
             _check_inner_state(k, id_map[k], entry, state.get(id_map[k], {}))
     _check_flag_state(saved_groups, saved_state)
-    return LoadPlan(inner_part(sd), shadows, counters, buffer_shadows)
+    notes = check_record(saved_groups, decays) if decays is not None and counters is not None else []
+    return LoadPlan(inner_part(sd), shadows, counters, buffer_shadows, tuple(notes))
+
+
+def check_record(saved_groups: Sequence[Any], decays: Sequence[Any]) -> list[str]:
+    """The saved decay record against this optimizer's (``decays``). A ``schedules.power`` shadow
+    saved with another gamma is refused: its post-hoc snapshots would be labelled with the wrong
+    profile. Another changed decay is returned as a note for a warning. A dict saved before the
+    record existed has none: nothing to compare."""
+    saved = next(
+        (g[RECORD] for g in saved_groups if isinstance(g, Mapping) and g.get(RECORD) is not None), None
+    )
+    if saved is None:
+        return []
+    if not isinstance(saved, (list, tuple)) or not all(map(_is_record_entry, saved)):
+        raise ValueError(
+            f"the state dict's {RECORD!r} is {reprlib.repr(saved)}; it must list each shadow's decay "
+            "(a float, {'power_gamma': g} or None), as opt.state_dict() saves it"
+        )
+    if len(saved) != len(decays):
+        raise ValueError(
+            f"the state dict's {RECORD!r} lists {len(saved)} decays, this optimizer keeps {len(decays)} "
+            "shadows (one per decay): the state dict does not fit"
+        )
+    notes = []
+    for k, (was, now) in enumerate(zip(saved, decays)):
+        if _same_decay(was, now):
+            continue
+        where = f"shadow {k} ({_shadows.key(k)!r})"
+        if isinstance(was, Mapping) and isinstance(now, Mapping):
+            order = ", ".join(map(_describe_decay, saved))
+            raise ValueError(
+                f"{where} was saved as {_describe_decay(was)}, this optimizer's decay[{k}] is "
+                f"{_describe_decay(now)}: its post-hoc snapshots would be labelled with the wrong profile "
+                f"(the decay tuple reordered?). Build the optimizer with the decays as saved: ({order})"
+            )
+        notes.append(
+            f"{where} was saved with the decay {_describe_decay(was)}, this optimizer's is "
+            f"{_describe_decay(now)}: its average goes on with the new decay"
+        )
+    return notes
+
+
+def _is_record_entry(v: Any) -> bool:
+    if isinstance(v, Mapping):
+        return set(v) == {"power_gamma"} and _is_number(v["power_gamma"])
+    return v is None or (_is_number(v) and not isinstance(v, Tensor))
+
+
+def _same_decay(was: Any, now: Any) -> bool:
+    if isinstance(was, Mapping) and isinstance(now, Mapping):
+        return math.isclose(float(was["power_gamma"]), float(now["power_gamma"]), rel_tol=1e-12)
+    if isinstance(was, Mapping) or isinstance(now, Mapping):
+        return False
+    if was is None or now is None:  # a schedule that cannot be described: nothing to compare
+        return was is None and now is None
+    return float(was) == float(now)
+
+
+def _describe_decay(v: Any) -> str:
+    if isinstance(v, Mapping):
+        return f"schedules.power(gamma={float(v['power_gamma'])!r})"
+    return "a schedule" if v is None else repr(float(v))
 
 
 def _buffer_shadows_of(
@@ -121,7 +200,7 @@ def _check_groups(saved_groups: Sequence, param_groups: list[dict]) -> None:
         if _shadows.ENABLE in saved:
             _shadows.enabled(saved, i)
         for key, live in group.items():
-            if key in saved and not is_counter_key(key) and not _same_kind(live, saved[key]):
+            if key in saved and not is_group_key(key) and not _same_kind(live, saved[key]):
                 raise ValueError(
                     f"param group {i} of the state dict has {key!r}: {reprlib.repr(saved[key])}, this "
                     f"optimizer's has {reprlib.repr(live)}; pass a state dict saved by this kind of optimizer"
@@ -342,3 +421,22 @@ PARAM_SHAPED = frozenset(
         "exp_inf",
     }
 )
+
+
+def counters_in(param_groups: Sequence[Mapping], n: int) -> tuple[Optional[Counters], str]:
+    """The EMA counters that a dict loaded by the inner optimizer left in its groups, checked;
+    or None and why not (none saved, placeholders only, or values that do not fit)."""
+    found = []
+    for i, group in enumerate(param_groups):
+        if any(group.get(k) is not None for k in counter_keys(n)):
+            try:
+                c = _group_counters(i, group, n)
+            except ValueError as e:
+                return None, f"its EMA counters do not fit ({e})"
+            if c is not None:
+                found.append(c)
+    if not found:
+        return None, "no EMA counters (saved by ema_optim 0.2's inner state_dict()?)"
+    if any(c != found[0] for c in found[1:]):
+        return None, "its param groups disagree on the EMA counters"
+    return found[0], ""

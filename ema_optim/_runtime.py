@@ -40,6 +40,11 @@ class Runtime:
         self.offload = _offload.Offload()  # the update in flight for offloaded shadows
         self.weights: Sequence[_kernels.Weight] = ()  # this step's lerp weights (begin to end)
         self.weight_tensors: list[Tensor] = []  # the 0-dim tensors they are kept in under compile
+        self.record: list[Any] = []  # each shadow's decay as saved (_state_dict.record)
+        self.loading = False  # inside load(): the inner optimizer's load hooks stand aside
+        self.lost: Optional[str] = (
+            None  # what a load through the inner optimizer lost (warned at the next step)
+        )
 
     def current_layout(
         self, inner: Optimizer, spec: _shadows.Spec, buffers: Optional[_shadows.Buffers]
@@ -73,6 +78,9 @@ class Runtime:
                 "leave the with-block before training"
             )
         self.offload.wait()  # the last offloaded update must be done before params change
+        lost, self.lost = self.lost, None
+        if lost is not None:
+            warnings.warn(lost, UserWarning, stacklevel=4)
         step_plan = _plan.plan(self.counters, timing)
         layout = self.current_layout(inner, spec, buffers)
         if layout.incomplete:
@@ -180,7 +188,15 @@ class Runtime:
                 UserWarning,
                 stacklevel=3,
             )
-        _state_dict.load_inner(inner, plan.inner)  # warnings first: one raised as an error changes nothing
+        for note in plan.notes:
+            warnings.warn(note, UserWarning, stacklevel=3)
+        self.loading = True  # the inner optimizer's load hook: this load is ours
+        try:
+            _state_dict.load_inner(
+                inner, plan.inner
+            )  # warnings first: one raised as an error changes nothing
+        finally:
+            self.loading = False
         for p, s in shadows.items():
             _shadows.install(inner.state, p, s)
         if held:
@@ -191,11 +207,77 @@ class Runtime:
         self.layout = None
         _state_dict.publish(inner.param_groups, inner.state, spec.count)
 
+    # ------------------------------------------------------------ the inner optimizer's hooks
+    # Code written before the wrapper saves and loads through the inner optimizer
+    # (``opt.optimizer.state_dict()``): these hooks, registered on it, keep that exact.
+
+    def before_inner_save(self, inner: Optimizer) -> None:
+        self.offload.wait()
+        _state_dict.publish(inner.param_groups, inner.state, len(self.record))
+
+    def inner_saved(self, inner: Optimizer, sd: dict) -> dict:
+        """The saved counters and decay record in place of the placeholders; inside
+        ``swap_ema_weights()`` the EMA in place of the swapped shadows' bookkeeping."""
+        sd = _state_dict.to_saved(sd, inner.param_groups, self.counters, self.record)
+        if self.swapped is not None:
+            ema = {id(r.shadow): r.ema() for r in self.swapped}
+            for i, entry in sd["state"].items():
+                if isinstance(entry, dict):
+                    sd["state"][i] = {k: _inside_swap(k, v, ema) for k, v in entry.items()}
+        return sd
+
+    def before_inner_load(self, inner: Optimizer, sd: Any) -> None:
+        """Refuse, with nothing changed, what the wrapper's own load refuses outright."""
+        if self.loading:
+            return
+        if self.swapped is not None:
+            raise RuntimeError(
+                "load_state_dict() cannot run inside swap_ema_weights(); leave the block first"
+            )
+        self.offload.wait()
+        if isinstance(sd, dict) and isinstance(sd.get("param_groups"), (list, tuple)):
+            _load_check.check_record(sd["param_groups"], self.record)
+
+    def inner_loaded(self, inner: Optimizer, spec: _shadows.Spec) -> None:
+        """After ``opt.optimizer.load_state_dict(sd)``: take the counters it carried (exact), or
+        note what was lost, for a warning at the next step."""
+        if self.loading:
+            return
+        self.layout = None
+        lost = _state_dict.adopt_inner_load(inner, spec)
+        counters, problem = _load_check.counters_in(inner.param_groups, spec.count)
+        shadowed = _state_dict.shadowed(inner.state)
+        if not shadowed:
+            self.counters = _plan.Counters.start(spec.count)
+            lost.insert(
+                0,
+                "it had no EMA shadows (a plain inner-optimizer state dict?): the EMA restarts "
+                "from the current weights at this step",
+            )
+        elif counters is not None:
+            self.counters = counters
+        else:
+            lost.insert(
+                0,
+                f"it has EMA shadows but {problem}: the shadows are kept, and the counters go on "
+                f"from this optimizer's ({_state_dict.STEPS}={self.counters.steps}, "
+                f"{_state_dict.UPDATES}={self.counters.updates}), so a schedule's decay may restart",
+            )
+        _state_dict.publish(inner.param_groups, inner.state, spec.count)
+        if lost:
+            self.lost = (
+                "opt.optimizer.load_state_dict() (the inner optimizer's, not the EMAOptimizer's): "
+                + "; ".join(lost)
+                + ". Load through the EMAOptimizer's load_state_dict() to resume the EMA exactly."
+            )
+
 
 # torch's standard step wrapper (``torch.optim.optimizer._use_grad_for_differentiable``),
 # known by its code: an inner step decorated with it has its undecorated update at
 # ``type(inner).step.__wrapped__.__wrapped__`` (the hooks' wrapper, then the grad-mode one).
 _USE_GRAD_CODE = _use_grad_for_differentiable(lambda self: None).__code__
+_HOOKED_CODE = Optimizer.profile_hook_step(lambda self: None).__code__
+_DISABLED_CODE = torch._dynamo.disable(lambda self: None, reason="a probe").__code__
 
 
 def traced_body(inner: Optimizer) -> Optional[Callable[..., Any]]:
@@ -213,13 +295,19 @@ def traced_body(inner: Optimizer) -> Optional[Callable[..., Any]]:
 
 def _class_step(inner: Optimizer) -> tuple[Optional[Callable[..., Any]], bool]:
     """The class's step as ``Optimizer`` hooked it (None if it is not hooked), and whether
-    torch.compile may trace it: Dynamo wraps the steps it does not support (LBFGS, SparseAdam)
-    in its ``disable``, a wrapper that copies the hooked step's attributes."""
+    torch.compile may trace it. Dynamo wraps the steps it does not trace (LBFGS, SparseAdam)
+    in its ``disable``, above or below the hooks' wrapper depending on which came first; both
+    wrappers copy the attributes of what they wrap, so they are known by their code."""
     step: Any = type(inner).step
     traceable = True
-    while getattr(step, "_torchdynamo_disable", False) and hasattr(step, "_torchdynamo_orig_callable"):
-        step, traceable = step._torchdynamo_orig_callable, False
-    return (step if getattr(step, "hooked", False) else None), traceable
+    while step is not None:
+        code = getattr(step, "__code__", None)
+        if code is _HOOKED_CODE:
+            return step, traceable
+        if code is _DISABLED_CODE:
+            traceable = False
+        step = getattr(step, "__wrapped__", None)
+    return None, traceable
 
 
 def fused_step(inner: Optimizer, body: Callable[..., Any], args: tuple, update: Callable[[], None]) -> Any:
@@ -303,3 +391,11 @@ def _pre_hooks(inner: Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict
                 )
             args, kwargs = result
     return args, kwargs
+
+
+def _inside_swap(key: Any, value: Any, ema: dict[int, Tensor]) -> Any:
+    """A state entry as :meth:`EMAOptimizer.state_dict` gives it inside the swap: shadows as
+    copies, the swapped ones as the EMA they stand for."""
+    if not (_shadows.is_key(key) and isinstance(value, Tensor)):
+        return value
+    return ema[id(value)] if id(value) in ema else value.clone()

@@ -54,11 +54,14 @@ def split_buffer_key(name: str) -> tuple[str, str]:
 
 
 class ShadowState(dict):
-    """The state of a param that the inner optimizer has not filled: it holds shadows only.
+    """The state of a param that the inner optimizer may still initialise: it holds shadows only.
 
-    Stock optimizers (Adam, RMSprop, ...) initialise a param's state when ``len(state) == 0``;
-    shadows are not counted, so they still do, and a param whose inner optimizer keeps no
-    state (SGD without momentum) needs no per-step handling.
+    Stock optimizers (Adam, RMSprop, ...) initialise a param's state when ``len(state) == 0``,
+    lazily, at the first step where the param has a gradient. Shadows are not counted here, so
+    they still do. It is used only where that can still happen: a param that had no gradient
+    when its shadows were made (frozen, unused), or whose state a load left empty. A param whose
+    inner optimizer stepped it and kept nothing (SGD without momentum, LBFGS's later params)
+    gets a plain dict: its ``len()`` counts its shadows, as any dict's does.
     """
 
     __slots__ = ()
@@ -188,11 +191,13 @@ def anchor(params: Sequence[Tensor]) -> Optional[Tensor]:
     return next((p for p in params if p.requires_grad), params[0] if params else None)
 
 
-def install(state: dict, p: Tensor, shadows: dict[str, Tensor]) -> None:
-    """Put shadows into ``state[p]``, keeping an empty state empty for the inner optimizer."""
+def install(state: dict, p: Tensor, shadows: dict[str, Tensor], settled: bool = False) -> None:
+    """Put shadows into ``state[p]``. An empty state stays empty for the inner optimizer
+    (:class:`ShadowState`) unless ``settled``: the inner optimizer has stepped ``p`` already
+    and kept no state for it."""
     current = state.get(p)
     if current is None or (not current and not isinstance(current, ShadowState)):
-        state[p] = ShadowState(current or {})
+        state[p] = dict(current or {}) if settled else ShadowState(current or {})
     state[p].update(shadows)
 
 
@@ -320,8 +325,8 @@ class Layout:
         self.incomplete = False
         if not self.missing:
             return False
-        for p, shadows in self.missing.items():
-            install(self._state, p, shadows)
+        for p, shadows in self.missing.items():  # after the inner step: it had p's gradient
+            install(self._state, p, shadows, settled=p.grad is not None)
         self.missing = {}
         self._regroup()
         return True

@@ -6,9 +6,14 @@ Layout (the inner optimizer's own, plus):
 - ``state[i]["ema"]``, ``state[i]["ema_1"]``, ...: the shadows of param ``i``;
 - in each param group that has shadows (every group before the first step): the counters
   ``ema_steps``, ``ema_updates``, ``ema_decay_prod`` (and ``ema_decay_prod_1``, ... for more
-  shadows), plain ints and floats. The live groups carry the same keys with ``None``
-  placeholders, so that loaders which rebuild groups from the live keys (DCP's flattened
-  layout) find them, and a compiled step never sees them change.
+  shadows), plain ints and floats, and ``ema_decays``: each shadow's decay where it can be
+  described (a float for a constant, ``{"power_gamma": g}`` for a ``schedules.power`` profile,
+  None for another schedule). The live groups carry the same keys with ``None`` placeholders,
+  so that loaders which rebuild groups from the live keys (DCP's flattened layout) find them,
+  and a compiled step never sees them change.
+
+The inner optimizer's own ``state_dict()`` gives the same dict (a post hook fills the
+counters), so code that saves through ``opt.optimizer`` keeps the EMA exact.
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
+from torch import Tensor
+
 from . import _shadows
 from ._plan import Counters
 
 STEPS, UPDATES, DECAY_PROD = "ema_steps", "ema_updates", "ema_decay_prod"
+RECORD = "ema_decays"  # per shadow: its decay, as far as it can be described
 
 
 # Keys a live group may have that a saved one may lack (torch's LR schedulers add initial_lr).
@@ -36,24 +44,43 @@ def is_counter_key(name: Any) -> bool:
     )
 
 
+def is_group_key(name: Any) -> bool:
+    """A key the EMA keeps in a param group: a counter or the decay record."""
+    return name == RECORD or is_counter_key(name)
+
+
+def record(decays: Sequence[Any]) -> list[Any]:
+    """Each decay as saved: a float (a constant), ``{"power_gamma": g}`` (``schedules.power``),
+    or None (another schedule, which cannot be described)."""
+    from .schedules import _power_gamma  # schedules imports posthoc, which reads state dicts
+
+    out: list[Any] = []
+    for d in decays:
+        gamma = _power_gamma(d)
+        out.append(float(d) if not callable(d) else None if gamma is None else {"power_gamma": gamma})
+    return out
+
+
 def publish(param_groups: list[dict], state: Mapping, n: int) -> None:
     """Name the counters (``None`` placeholders) in the live groups whose params have shadows,
     in every group while none has any; a group added since the last step has none yet."""
     has = [any(_shadows.key(0) in state.get(p, ()) for p in g["params"]) for g in param_groups]
     for g, h in zip(param_groups, has):
-        for name in [k for k in g if is_counter_key(k)]:
+        for name in [k for k in g if is_group_key(k)]:
             del g[name]
         if h or not any(has):
-            g.update(dict.fromkeys(counter_keys(n)))
+            g.update(dict.fromkeys((*counter_keys(n), RECORD)))
 
 
-def to_saved(sd: dict, live_groups: list[dict], counters: Counters) -> dict:
-    """The inner optimizer's state dict with the real counters in place of the placeholders
-    and plain dicts for the per-param state (``torch.load(weights_only=True)`` reads it)."""
+def to_saved(sd: dict, live_groups: list[dict], counters: Counters, decays: list[Any]) -> dict:
+    """The inner optimizer's state dict with the real counters and decay record in place of
+    the placeholders and plain dicts for the per-param state (``torch.load(weights_only=True)``
+    reads it)."""
     values = (counters.steps, counters.updates, *counters.decay_prods)
     for saved, live in zip(sd["param_groups"], live_groups):
         if STEPS in live:
             saved.update(zip(counter_keys(len(counters.decay_prods)), values))
+            saved[RECORD] = list(decays)
     sd["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in sd["state"].items()}
     return sd
 
@@ -62,7 +89,7 @@ def missing_group_keys(before: Sequence[dict], after: Sequence[dict]) -> Optiona
     """After the inner optimizer loaded (its ``__setstate__`` fills defaults): a group that
     lacks keys the optimizer's groups had, described; None if every group has them."""
     for i, (old, new) in enumerate(zip(before, after)):
-        lost = [k for k in old if k not in new and k not in OPTIONAL_GROUP_KEYS and not is_counter_key(k)]
+        lost = [k for k in old if k not in new and k not in OPTIONAL_GROUP_KEYS and not is_group_key(k)]
         if lost:
             return f"param group {i} of the state dict lacks the keys {sorted(map(str, lost))}"
     return None
@@ -77,7 +104,7 @@ def inner_part(sd: Mapping) -> dict:
             if not v:
                 continue
         state[k] = v
-    groups = [{k: v for k, v in g.items() if not is_counter_key(k)} for g in sd["param_groups"]]
+    groups = [{k: v for k, v in g.items() if not is_group_key(k)} for g in sd["param_groups"]]
     return {**sd, "state": state, "param_groups": groups}
 
 
@@ -97,3 +124,33 @@ def load_inner(inner: Any, inner_sd: dict) -> None:
     for group, before in zip(inner.param_groups, old[1]):  # a dict saved without "ema": keep ours
         if _shadows.ENABLE not in group and _shadows.ENABLE in before:
             group[_shadows.ENABLE] = before[_shadows.ENABLE]
+
+
+def shadowed(state: Mapping) -> list[Any]:
+    """The params whose state holds a shadow."""
+    return [
+        p for p, entry in state.items() if isinstance(entry, Mapping) and any(map(_shadows.is_key, entry))
+    ]
+
+
+def adopt_inner_load(inner: Any, spec: _shadows.Spec) -> list[str]:
+    """After the inner optimizer loaded a dict by itself: its shadows back in the shadow dtype
+    and device (torch's load casts every state tensor to its param's), and entries that hold
+    shadows only back as ``ShadowState``. Returns what was lost, for a warning."""
+    rounded = []
+    for p in shadowed(inner.state):
+        entry = inner.state[p]
+        for k, v in list(entry.items()):
+            if _shadows.is_param_key(k) and isinstance(v, Tensor) and v.shape == p.shape:
+                if v.dtype != spec.dtype_for(p) or v.device != (spec.device or p.device):
+                    if v.dtype.itemsize < spec.dtype_for(p).itemsize:
+                        rounded.append(k)
+                    entry[k] = spec.make(p, v)
+        if all(_shadows.is_key(k) for k in entry):
+            inner.state[p] = _shadows.ShadowState(entry)
+    if not rounded:
+        return []
+    return [
+        f"it rounded {len(rounded)} shadows to their params' dtype (as torch's load_state_dict does for "
+        "any state): they are back in the shadow dtype, with the precision lost"
+    ]

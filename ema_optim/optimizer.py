@@ -8,7 +8,6 @@ from functools import partial
 from typing import Any, Callable, DefaultDict, Iterator, Optional, Sequence, Union
 
 import torch
-from torch import Tensor
 from torch.optim import Optimizer
 
 from . import _load_check, _plan, _runtime, _shadows, _state_dict, _swap
@@ -162,8 +161,7 @@ class EMAOptimizer(Optimizer):
         self._buffers = _shadows.Buffers(buffers) if buffers is not None else None
         self._timing = _plan.Timing(decays, update_after_step, update_every, bias_correction)
         self._spec = _shadows.Spec(len(decays), ema_dtype, device)
-        self._rt = _Runtime(len(decays))
-        _state_dict.publish(optimizer.param_groups, optimizer.state, len(decays))
+        self._rt = self._runtime(counters=None)
 
     # ------------------------------------------------------------------ inner optimizer surface
     # param_groups, state and defaults are the inner optimizer's own objects, read at each
@@ -246,10 +244,25 @@ class EMAOptimizer(Optimizer):
         for name in ("state", "param_groups", "defaults"):  # read through to the inner optimizer
             state.pop(name, None)
         super().__setstate__(state)
-        self._rt = _Runtime(len(self._timing.decays))
-        self._rt.counters = counters
+        self._rt = self._runtime(counters)
         if swapped:  # a copy taken inside swap_ema_weights(): give it its training weights back
             _swap.swap_out(swapped)
+
+    def _runtime(self, counters: Optional[_plan.Counters]) -> _Runtime:
+        """A new runtime, with its hooks on the inner optimizer (``opt.optimizer.state_dict()``
+        and ``load_state_dict()`` then keep the EMA exact, see ``Runtime.inner_saved``)."""
+        inner, spec = self.optimizer, self._spec
+        rt = _Runtime(spec.count)
+        rt.record = _state_dict.record(self._timing.decays)
+        if counters is not None:
+            rt.counters = counters
+        # closures over the runtime, not the wrapper: the inner optimizer does not keep it alive
+        inner.register_state_dict_pre_hook(rt.before_inner_save)
+        inner.register_state_dict_post_hook(rt.inner_saved, prepend=True)
+        inner.register_load_state_dict_pre_hook(rt.before_inner_load)
+        inner.register_load_state_dict_post_hook(partial(rt.inner_loaded, spec=spec), prepend=True)
+        _state_dict.publish(inner.param_groups, inner.state, spec.count)
+        return rt
 
     # ------------------------------------------------------------------ step
 
@@ -400,15 +413,8 @@ class EMAOptimizer(Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         # The inner's own layout and hooks: the shadows are in the shared state, and the
-        # groups with shadows carry placeholders for the counters, filled in here.
-        inner = self.optimizer
-        _state_dict.publish(inner.param_groups, inner.state, self._spec.count)
-        sd = _state_dict.to_saved(inner.state_dict(), inner.param_groups, self._rt.counters)
-        if self._rt.swapped is not None:  # the swapped shadows hold bookkeeping: give their EMA
-            ema = {id(r.shadow): r.ema() for r in self._rt.swapped}
-            for i, s in sd["state"].items():
-                if isinstance(s, dict):
-                    sd["state"][i] = {k: _inside_swap(k, v, ema) for k, v in s.items()}
+        # runtime's hooks on the inner optimizer fill in the counters (Runtime.inner_saved).
+        sd = self.optimizer.state_dict()
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
             if result is not None:
@@ -443,15 +449,9 @@ class EMAOptimizer(Optimizer):
             if result is not None:
                 state_dict = result
         buffers = dict(zip(self._buffers.names, self._buffers.tensors())) if self._buffers else None
-        plan = _load_check.check(state_dict, inner.param_groups, inner.state, self._spec.count, buffers)
+        plan = _load_check.check(
+            state_dict, inner.param_groups, inner.state, self._spec.count, buffers, self._rt.record
+        )
         rt.load(inner, self._spec, buffers, plan)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
-
-
-def _inside_swap(key: Any, value: Any, ema: dict[int, Tensor]) -> Any:
-    """A state entry as :meth:`EMAOptimizer.state_dict` gives it inside the swap: shadows as
-    copies, the swapped ones as the EMA they stand for."""
-    if not (_shadows.is_key(key) and isinstance(value, Tensor)):
-        return value
-    return ema[id(value)] if id(value) in ema else value.clone()
