@@ -316,6 +316,20 @@ def _shadows_of(
                     f"(decay has {n} entries): the state dict does not fit"
                 )
             shadows[id_map[k]] = {name: _checked_shadow(k, name, id_map[k], entry[name]) for name in names}
+    for saved, group in zip(saved_groups, param_groups):  # groups out of the EMA keep their shadows
+        if saved.get(_shadows.ENABLE, group.get(_shadows.ENABLE, True)):
+            continue
+        for k in saved["params"]:
+            entry = saved_state.get(k, {})
+            stopped = sorted(kk for kk in entry if _shadows.is_param_key(kk))
+            if not stopped:
+                continue
+            if stopped != sorted(names):
+                raise ValueError(
+                    f"state[{k!r}] has the shadows {stopped}, this optimizer keeps {list(names)} "
+                    f"(decay has {n} entries): the state dict does not fit"
+                )
+            shadows[id_map[k]] = {name: _checked_shadow(k, name, id_map[k], entry[name]) for name in names}
     return shadows
 
 

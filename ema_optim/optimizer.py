@@ -288,8 +288,9 @@ class EMAOptimizer(Optimizer):
             and shadows before it in its (device, dtype) group may have taken this update; the
             counters did not advance) with a ``RuntimeError``. The next step adapts to a new
             dtype; for a new shape it raises ``ValueError`` before changing anything, until
-            the stale shadow is dropped (``opt.state[p].pop("ema")``), which restarts that
-            param's EMA from its current weights.
+            that param's stale shadows are dropped (``"ema"``, and ``"ema_1"``, ... with
+            several decays; the error gives the line that drops them all), which restarts
+            its EMA from its current weights.
         """
         rt, inner = self._rt, self.optimizer
         args = () if closure is None else (closure,)

@@ -582,7 +582,7 @@ def test_dcp_flattened_plain_checkpoint_recipe(tmp_path):
     options = dcp_options(flat=True)
     sd = dcp_state(resumed, opt, flat=True)
     # --- the recipe ---
-    ema_keys = ("ema", "ema_steps", "ema_updates", "ema_decay_prod")
+    ema_keys = ("ema", "ema_steps", "ema_updates", "ema_decay_prod", "ema_decays")
     for key in [k for k in sd["optim"] if k.rsplit(".", 1)[-1] in ema_keys]:
         del sd["optim"][key]  # the checkpoint has none of these
     dcp.load(sd, checkpoint_id=str(tmp_path / "plain-flat"))

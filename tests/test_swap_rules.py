@@ -129,11 +129,6 @@ def test_a_group_turned_out_of_the_ema_between_steps():
         assert (group["ema_steps"], group["ema_updates"]) == (6, 6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_load_check._shadows_of only reads the shadows of groups that are in the EMA, so the "
-    "stopped shadows of a group saved with 'ema': False are dropped on load (to fix there)",
-)
 def test_resume_keeps_the_stopped_shadows_of_a_group_out_of_the_ema():
     """SPEC "Resume is exact": the stopped shadows are state like any other; once the group is
     back in the EMA, the uninterrupted run goes on from them."""
