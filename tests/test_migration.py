@@ -651,3 +651,52 @@ def test_guided_diffusion_rates(index):
     keys = _float_entries(peer)
     _check(peer, _run(40, ours(decay=rates, index=index)), keys, TOL, outputs=True)
     _misses(peer, _run(40, ours(decay=rates, index=1 - index)), keys, TOL)
+
+
+# --- buffers= and torch.compile -------------------------------------------------------------
+
+
+def test_compiled_module_buffer_names(tmp_path):
+    """`torch.compile(model)` returns a wrapper whose buffers are named `_orig_mod.<name>`: a
+    state dict saved with `buffers=torch.compile(model)` does not load with `buffers=model`
+    (clear ValueError); `buffers=model` while training through the compiled module averages
+    the same tensors; the guide's renaming loop converts an old state dict."""
+    steps = 6
+
+    def train(buffers_of):
+        model = _model()
+        compiled = torch.compile(model, backend="eager")  # the wrapper; eager keeps the test fast
+        opt = EMAOptimizer(_inner(model), decay=0.9, buffers=buffers_of(model, compiled))
+        for x, y in _batches(steps):
+            F.mse_loss(compiled(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        return model, opt
+
+    model_c, opt_c = train(lambda m, c: c)
+    model_m, opt_m = train(lambda m, c: m)
+    with opt_c.swap_ema_weights():
+        averaged_c = copy.deepcopy(model_c.state_dict())
+    with opt_m.swap_ema_weights():
+        averaged_m = copy.deepcopy(model_m.state_dict())
+    assert all(torch.equal(averaged_c[k], averaged_m[k]) for k in averaged_m)
+
+    torch.save(opt_c.state_dict(), tmp_path / "opt.pt")
+    fresh = _model()
+    opt = EMAOptimizer(_inner(fresh), decay=0.9, buffers=fresh)
+    with pytest.raises(ValueError, match="_orig_mod"):
+        opt.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+
+    # the guide's conversion, as written there
+    sd = torch.load(tmp_path / "opt.pt", weights_only=True)
+    for s in sd["state"].values():
+        for k in [k for k in s if isinstance(k, str) and ":_orig_mod." in k]:
+            s[k.replace(":_orig_mod.", ":", 1)] = s.pop(k)
+    opt.load_state_dict(sd)
+    fresh.load_state_dict(model_c.state_dict())
+    with opt.swap_ema_weights():
+        assert all(torch.equal(v, averaged_c[k]) for k, v in fresh.state_dict().items())
+
+    in_place = _model()
+    in_place.compile(backend="eager")  # nn.Module.compile() keeps the module and its names
+    assert [n for n, _ in in_place.named_buffers()] == [n for n, _ in _model().named_buffers()]
