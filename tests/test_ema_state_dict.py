@@ -322,6 +322,26 @@ def test_compiled_model_keys_and_forward():
         assert torch.equal(teacher, compiled(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hard_target_decay_zero_update_every_is_an_exact_copy(dtype):
+    """docs/teachers.md: decay=0.0, update_every=N copies the weights exactly on every N-th step
+    (a lerp with weight 1; bf16 weights into fp32 shadows too) and leaves them alone between."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).to(dtype)
+    opt = EMAOptimizer(torch.optim.Adam(model.parameters(), lr=0.1), decay=0.0, update_every=3)
+    initial = [p.detach().float().clone() for p in model.parameters()]
+    held = initial
+    for step in range(1, 10):
+        model(torch.randn(4, 3).to(dtype)).float().square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        target = list(ema_state_dict(opt, model).values())
+        if step % 3 == 0:
+            held = [p.detach().float().clone() for p in model.parameters()]
+            assert not any(torch.equal(h, i) for h, i in zip(held, initial))
+        assert all(torch.equal(t, h) for t, h in zip(target, held)), step
+
+
 # ------------------------------------------------------------------------------------ swap, offload
 
 
