@@ -164,6 +164,8 @@ def _view(opt: EMAOptimizer, model: nn.Module, layout: _shadows.Layout) -> _View
     view = _View(model, layout, opt._spec.count)
     if not view.averaged[0]:
         _check_model(opt, model)
+    for key in [k for k, v in views.items() if v.model() is None]:  # views of models gone since
+        del views[key]
     views[id(model)] = view
     _watched.update(model.modules())
     if FSDPModule is not None and any(isinstance(m, FSDPModule) for m in model.modules()):

@@ -557,6 +557,19 @@ def test_cache_follows_a_model_converted_as_a_whole():
     assert all(torch.equal(got[k].to(v.dtype), v) for k, v in expected.items())
 
 
+def test_views_of_models_gone_are_dropped():
+    model = cnn()
+    opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.5)
+    train(model, opt, 1)
+    for _ in range(5):  # e.g. a new wrapper each time: its view must not outlive it
+        wrapper = nn.Sequential(model)
+        ema_state_dict(opt, wrapper)
+        del wrapper
+        gc.collect()
+    ema_state_dict(opt, model)
+    assert len(_average._views[opt._layout()]) <= 2
+
+
 def test_views_die_with_the_layout():
     model = cnn()
     opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.5)
