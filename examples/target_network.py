@@ -29,6 +29,7 @@ import statistics
 import time
 
 import torch
+from _plot import plot_curves
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
@@ -152,28 +153,7 @@ def main() -> None:
     print(f"\nhard target: an exact copy on every {args.hard_every}th step and frozen in between: {exact}")
     print(f"{time.perf_counter() - start:.0f} s")
     if args.plot:
-        plot(steps, curves, args.plot)
-
-
-def plot(steps: list[int], curves: dict[str, list[float]], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("--plot needs matplotlib: pip install matplotlib")
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, values in curves.items():
-        ax.plot(steps, values, "o-", label=name)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("RMS error of Q vs Q*")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot saved to {path}")
+        plot_curves(steps, curves, args.plot, "optimizer step", "RMS error of Q vs Q*", log=True)
 
 
 if __name__ == "__main__":

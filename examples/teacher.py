@@ -30,6 +30,7 @@ import statistics
 import time
 
 import torch
+from _plot import plot_curves
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn import functional as F
@@ -147,27 +148,7 @@ def main() -> None:
         print(f"| {name} | {1e3 * statistics.median(times):.2f} |")
     print(f"\n{time.perf_counter() - start:.0f} s")
     if args.plot:
-        plot(checkpoints, curves, args.plot)
-
-
-def plot(steps: list[int], curves: dict[str, list[float]], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("--plot needs matplotlib: pip install matplotlib")
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, values in curves.items():
-        ax.plot(steps, values, "o-", label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot saved to {path}")
+        plot_curves(checkpoints, curves, args.plot, "step", "validation accuracy (%)")
 
 
 if __name__ == "__main__":
