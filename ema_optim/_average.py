@@ -21,9 +21,13 @@ When the cached view is rebuilt (each is O(model), once):
   global registration hooks there; the hook installed here only bumps a counter when the
   module is one of a cached model's.
 
-Not seen (documented): writes straight into ``module._parameters`` / ``module._buffers``
-(which is what ``functional_call`` does for the length of one call, on purpose) and a
-``state_dict`` hook registered after the first call.
+Not seen (docs/teachers.md): for an averaged entry, a write straight into
+``module._parameters`` / ``module._buffers`` (what ``functional_call`` does for the length of
+one call, on purpose) or a ``del``; and a ``state_dict`` hook registered after the first call.
+
+Under FSDP2, ``functional_call`` cannot work (FSDP2's pre-forward hook all-gathers its own
+shards over the tensors it was given): a forward pre-hook put on the model's FSDP2 modules
+refuses such a forward before anything runs.
 """
 
 from __future__ import annotations
