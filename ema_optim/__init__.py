@@ -7,7 +7,8 @@
 """
 
 from . import posthoc, schedules
+from ._average import ema_state_dict
 from .optimizer import EMAOptimizer
 
-__all__ = ["EMAOptimizer", "posthoc", "schedules", "__version__"]
+__all__ = ["EMAOptimizer", "ema_state_dict", "posthoc", "schedules", "__version__"]
 __version__ = "0.2.0"

@@ -23,7 +23,7 @@ from typing import Callable
 
 from .posthoc import gamma_to_sigma_rel, sigma_rel_to_gamma
 
-__all__ = ["warmup", "polyak", "half_life", "linear", "cosine", "power"]
+__all__ = ["warmup", "polyak", "half_life", "linear", "cosine", "power", "scaled"]
 
 Schedule = Callable[[int], float]
 
@@ -251,3 +251,72 @@ class _Power:
 def _power_gamma(decay: object) -> float | None:
     """The ``gamma`` of a :func:`power` schedule; None for any other decay."""
     return decay.gamma if isinstance(decay, _Power) else None
+
+
+def scaled(decay: float | Schedule, kappa: float) -> float | Schedule:
+    """The EMA scaling rule: with the batch size multiplied by ``kappa``, use ``decay ** kappa``.
+
+    Busbridge et al. show that when the batch size grows ``kappa``-fold (and the optimizer
+    follows its own scaling rule, e.g. the learning rate ``kappa``-fold for SGD), an EMA
+    keeps its training dynamics if its momentum ``rho`` becomes ``rho ** kappa``: one update
+    of the larger batch then forgets as much as ``kappa`` updates of the smaller one did. This
+    matters where the EMA feeds back into training (BYOL/DINO teachers, mean teachers,
+    pseudo-labelling), and for an evaluated EMA alike.
+
+    A constant gives a constant (``scaled(0.999, 4) == 0.999 ** 4``, so the optimizer still
+    records it). A schedule written for the base run, in its EMA updates, is read where the
+    base run would be after the same amount of data, ``kappa * t`` updates, and raised to
+    ``kappa``: ``scaled(d, kappa)(t) == d(kappa * t) ** kappa`` (``kappa * t`` is a float
+    unless ``kappa`` is an int). If your schedule is already written in the new run's
+    updates (e.g. ``cosine(..., steps=total // kappa)``), use ``lambda t: d(t) ** kappa``.
+    ``polyak()`` and ``power()`` profiles average a fixed *fraction* of training, the same at
+    any batch size: pass them unchanged (``scaled`` refuses them).
+
+    Args:
+        decay: a decay in [0, 1] or a schedule ``t -> decay`` for the base batch size.
+        kappa: new batch size / base batch size, a finite number > 0 (< 1 for a smaller batch).
+
+    Returns:
+        ``decay ** kappa`` for a constant, else a schedule.
+
+    Raises:
+        ValueError: ``kappa`` <= 0 or not finite, ``decay`` outside [0, 1], or a
+            ``polyak()``/``power()`` schedule.
+        TypeError: ``kappa`` or ``decay`` of the wrong type.
+
+    Example:
+        >>> scaled(0.9, 2)
+        0.81
+        >>> d = scaled(cosine(0.9, 0.99, steps=100), 4)   # the ramp now ends after 25 updates
+        >>> round(d(0), 4), round(d(25), 4)
+        (0.6561, 0.9606)
+
+    References:
+        Busbridge, Ramapuram, Ablin, Likhomanenko, Dhekane, Suau and Webb, `How to scale your
+        EMA <https://arxiv.org/abs/2307.13813>`_, NeurIPS 2023 (Definition 1.2).
+    """
+    if isinstance(kappa, bool) or not isinstance(kappa, numbers.Real):
+        raise TypeError(
+            f"kappa must be a real number (new batch size / base batch size), got {type(kappa).__name__}"
+        )
+    factor = _check_positive("kappa", kappa)
+    if not callable(decay):
+        return _check_decay("decay", decay) ** factor
+    if (
+        isinstance(decay, _Power)
+        or getattr(decay, "__qualname__", "") == "polyak.<locals>.decay"
+    ):
+        raise ValueError(
+            "polyak() and power() average a fixed fraction of training, whatever the batch size: "
+            "pass them unchanged instead of scaled(...)"
+        )
+    ahead = kappa if isinstance(kappa, numbers.Integral) else factor  # base updates per update
+
+    def scaled_decay(t: int) -> float:
+        d = decay(t * ahead)
+        if isinstance(d, bool) or not isinstance(d, numbers.Real) or not 0.0 <= d <= 1.0:
+            return d  # the optimizer names the bad value before it changes anything
+        return float(d) ** factor
+
+    scaled_decay.__qualname__ = f"scaled({getattr(decay, '__qualname__', repr(decay))}, {kappa})"
+    return scaled_decay
