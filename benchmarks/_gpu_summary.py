@@ -1,9 +1,9 @@
-"""The headline numbers of a ``gpu_check.sh`` run, against issue 14's figures.
+"""The headline numbers of a ``gpu_check.sh`` run, against issue 14's and issue 20's figures.
 
     python benchmarks/_gpu_summary.py OUTPUT_DIR
 
 Reads what the run left (missing files are reported, not fatal): the junit files of the
-tests, ``bench.json``, ``offload*.json`` and ``extras.json``.
+tests, ``compiled.json``, ``bench.json``, ``offload*.json`` and ``extras.json``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def load(folder: pathlib.Path, name: str):
 
 
 def tests(folder: pathlib.Path) -> None:
-    for name in ("cuda-tests.xml", "suite.xml"):
+    for name in ("cuda-tests.xml", "compiled-tests.xml", "suite.xml"):
         root = load(folder, name)
         if root is None:
             continue
@@ -45,6 +45,23 @@ def tests(folder: pathlib.Path) -> None:
                 print(
                     f"   FAIL {case.get('classname')}::{case.get('name')}: {(bad.get('message') or '')[:150]}"
                 )
+
+
+def compiled(folder: pathlib.Path) -> None:
+    res = load(folder, "compiled.json")
+    if res is None:
+        return
+    info, out = res["info"], res["compiled"]
+    print(f"compiled: {info['device']}, torch {info['torch']}, {out['params']} x {out['numel']:,}")
+    for name, case in out["cases"].items():
+        rows = case["rows"]
+        wrapper, ref = rows["compiled wrapper"]["cost"], rows["one-graph ref"]["cost"]
+        print(
+            f"   {name:<12} EMA cost over the compiled inner step: wrapper {wrapper:+.2f}, one-graph ref "
+            f"{ref:+.2f}; eager wrapper over eager inner {rows['eager wrapper']['cost_eager']:+.2f}"
+        )
+        for line in case["verdicts"]:
+            print(f"      {line}")
 
 
 def cases(folder: pathlib.Path) -> None:
@@ -111,7 +128,7 @@ def extras(folder: pathlib.Path) -> None:
 
 def main() -> None:
     folder = pathlib.Path(sys.argv[1])
-    for section in (tests, cases, offload, extras):
+    for section in (tests, compiled, cases, offload, extras):
         try:
             section(folder)
         except Exception as e:  # noqa: BLE001 - a malformed file must not hide the others

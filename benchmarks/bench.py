@@ -5,6 +5,7 @@
     python benchmarks/bench.py --device cuda       # the GPU shapes (1B fp32, 10,000 x 4096, bf16)
     python benchmarks/bench.py --cases small bf16  # named cases only (see CASES)
     python benchmarks/bench.py --suites host swa   # only some suites (see SUITES)
+    python benchmarks/bench.py --suites compiled --clock cpu --threads 1   # the compiled step
     python benchmarks/bench.py --json out.json     # also write machine-readable results
     python benchmarks/bench.py --candidates        # fast-path candidates for the kernels
 
@@ -23,6 +24,9 @@ Suites:
 - ``host``, ``swa``: the wrapper's host overhead and its EMA cost against ``swa_utils``
   (``overhead.py``).
 - ``shadows``: the update with 1, 2 and 3 shadows (``shadows.py``).
+- ``compiled``: ``torch.compile``'d steps: the compiled inner step against the compiled wrapper
+  and a one-graph reference, their Inductor kernels and recompiles (``compiled.py``; not in the
+  default suites: it compiles for minutes on 2 cores).
 
 Timing: ``_timing.py`` (interleaved rounds, shuffled order, medians). On a loaded machine,
 ``--clock cpu`` times the process's CPU time instead of the wall clock (what was spent, not
@@ -307,6 +311,7 @@ SUITES = {
     "swa": _suite("overhead", "run_swa"),
     "shadows": _suite("shadows"),
     "candidates": _suite("candidates"),
+    "compiled": _suite("compiled"),
 }
 
 
