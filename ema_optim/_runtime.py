@@ -90,7 +90,8 @@ class Runtime:
         if compiling and step_plan.action == "lerp" and layout.groups:
             # A compiled body takes the weights as 0-dim tensors filled here, in place: data,
             # not guards, so a changing decay reuses the graph.
-            self.weights = self._weight_tensors(step_plan.weights, layout.groups[0].shadows[0][0].device)
+            shadows = [g.shadows[0][0] for g in layout.groups]
+            self.weights = self._weight_tensors(step_plan.weights, shadows[0].device, _weight_dtype(shadows))
         return None if layout.incomplete else traced_body(inner)
 
     @torch.compiler.disable
@@ -143,13 +144,13 @@ class Runtime:
             self.offload.launch(layout.offloaded, self._step_weights(step_plan.action, found_inf, shadows))
         self.counters, self.plan = step_plan.counters, None
 
-    def _weight_tensors(self, values: Sequence[float], device: torch.device) -> list[Tensor]:
-        """``values`` in cached 0-dim float64 tensors on ``device``, filled in place."""
+    def _weight_tensors(
+        self, values: Sequence[float], device: torch.device, dtype: torch.dtype
+    ) -> list[Tensor]:
+        """``values`` in cached 0-dim tensors on ``device``, filled in place."""
         cached = self.weight_tensors
-        if len(cached) != len(values) or cached[0].device != device:
-            cached = self.weight_tensors = [
-                torch.zeros((), dtype=torch.float64, device=device) for _ in values
-            ]
+        if len(cached) != len(values) or cached[0].device != device or cached[0].dtype != dtype:
+            cached = self.weight_tensors = [torch.zeros((), dtype=dtype, device=device) for _ in values]
         for w, value in zip(cached, values):
             w.fill_(value)
         return cached
@@ -270,6 +271,14 @@ class Runtime:
                 + "; ".join(lost)
                 + ". Load through the EMAOptimizer's load_state_dict() to resume the EMA exactly."
             )
+
+
+def _weight_dtype(shadows: Sequence[Tensor]) -> torch.dtype:
+    """The dtype of a compiled step's weights: the kernels compute in the shadows' precision
+    (a float32 lerp takes its weight as a float32), so float64 only for float64 shadows. (A
+    float64 0-dim CPU tensor would also cost a guard that reads its value at every call.)"""
+    wide = any(s.dtype in (torch.float64, torch.complex128) for s in shadows)
+    return torch.float64 if wide else torch.float32
 
 
 # torch's standard step wrapper (``torch.optim.optimizer._use_grad_for_differentiable``),

@@ -302,10 +302,7 @@ def scaled(decay: float | Schedule, kappa: float) -> float | Schedule:
     factor = _check_positive("kappa", kappa)
     if not callable(decay):
         return _check_decay("decay", decay) ** factor
-    if (
-        isinstance(decay, _Power)
-        or getattr(decay, "__qualname__", "") == "polyak.<locals>.decay"
-    ):
+    if isinstance(decay, _Power) or getattr(decay, "__qualname__", "") == "polyak.<locals>.decay":
         raise ValueError(
             "polyak() and power() average a fixed fraction of training, whatever the batch size: "
             "pass them unchanged instead of scaled(...)"
