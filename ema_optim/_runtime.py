@@ -286,7 +286,7 @@ def _weight_dtype(shadows: Sequence[Tensor]) -> torch.dtype:
 # ``type(inner).step.__wrapped__.__wrapped__`` (the hooks' wrapper, then the grad-mode one).
 _USE_GRAD_CODE = _use_grad_for_differentiable(lambda self: None).__code__
 _HOOKED_CODE = Optimizer.profile_hook_step(lambda self: None).__code__
-_DISABLED_CODE = torch._dynamo.disable(lambda self: None, reason="a probe").__code__
+_DISABLED_CODE = torch._dynamo.disable(lambda self: None).__code__
 
 
 def traced_body(inner: Optimizer) -> Optional[Callable[..., Any]]:
