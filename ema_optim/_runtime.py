@@ -381,11 +381,21 @@ def inner_step(inner: Optimizer, args: tuple) -> Any:
 
 def _patched(inner: Optimizer) -> Optional[Callable[..., Any]]:
     """A ``step`` patched on the instance, other than an LR scheduler's (which only marks the
-    step as called: :func:`_mark_called` does that)."""
+    step as called: :func:`_mark_called` does that). The scheduler's patch wraps the class's
+    step as it was then, which Dynamo may have wrapped in its ``disable`` since (LBFGS)."""
     patched = vars(inner).get("step")
-    if patched is not None and getattr(patched, "__wrapped__", None) is type(inner).step:
+    if patched is not None and _wraps_class_step(getattr(patched, "__wrapped__", None), inner):
         return None
     return patched
+
+
+def _wraps_class_step(wrapped: Any, inner: Optimizer) -> bool:
+    step: Any = type(inner).step
+    while step is not None:
+        if wrapped is step:
+            return True
+        step = getattr(step, "__wrapped__", None)
+    return False
 
 
 def _mark_called(inner: Optimizer) -> None:

@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.optim.optimizer import _use_grad_for_differentiable
+from torch.optim.optimizer import _use_grad_for_differentiable, register_optimizer_step_pre_hook
 
 from ema_optim import EMAOptimizer, _runtime, schedules
 from tests.reference import reference_shadows
@@ -411,3 +411,33 @@ def test_the_ema_averages_the_weights_an_inner_post_hook_leaves(compiled):
     for i, p in enumerate(model.parameters()):
         want = reference_shadows(initial[i], [w[i] for w in weights], 0.5)[-1]
         torch.testing.assert_close(opt.state[p]["ema"].double(), want, atol=1e-6, rtol=1e-5)
+
+
+def test_lbfgs_with_a_scheduler_built_before_dynamo_wrapped_its_step_runs_global_hooks_once():
+    # Dynamo wraps LBFGS.step in its disable at its first compile; an LR scheduler built on the
+    # inner optimizer before that patched the instance with the step as it was. The global step
+    # hooks still run once per step, for the wrapper.
+    class LateLBFGS(torch.optim.LBFGS):
+        pass
+
+    model = nn.Linear(3, 1)
+    inner = LateLBFGS(model.parameters(), lr=0.5, max_iter=2)
+    torch.optim.lr_scheduler.StepLR(inner, step_size=10)
+    LateLBFGS.step = torch._dynamo.disable(LateLBFGS.step)  # what Dynamo does to LBFGS
+    opt = EMAOptimizer(inner, decay=0.8)
+    calls = []
+    handle = register_optimizer_step_pre_hook(lambda o, a, k: calls.append(o))
+
+    def closure():
+        opt.zero_grad()
+        loss = model(torch.ones(4, 3)).pow(2).mean()
+        loss.backward()
+        return loss
+
+    try:
+        opt.step(closure)
+        opt.step(closure)
+    finally:
+        handle.remove()
+    assert calls == [opt, opt]
+    assert inner._opt_called
