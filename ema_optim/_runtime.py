@@ -233,7 +233,8 @@ class Runtime:
         return sd
 
     def before_inner_load(self, inner: Optimizer, sd: Any) -> Optional[dict]:
-        """Refuse, with nothing changed, what the wrapper's own load refuses outright; warn of
+        """Refuse, with nothing changed, what the wrapper's own load refuses outright (a power
+        shadow saved with another gamma, more shadows than this optimizer keeps); warn of
         a changed decay (before anything changes, as the wrapper's load does); keep from
         torch's load the shadows it would break (``_state_dict.hold_back``)."""
         self.held = {}
@@ -249,6 +250,7 @@ class Runtime:
         if isinstance(sd.get("param_groups"), (list, tuple)):
             for note in _load_check.check_record(sd["param_groups"], self.record):
                 warnings.warn(note, UserWarning, stacklevel=4)
+        _load_check.check_shadow_keys(sd.get("state"), len(self.record))
         sd, self.held = _state_dict.hold_back(sd, inner.param_groups)
         return dict(sd)
 

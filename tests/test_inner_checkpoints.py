@@ -281,3 +281,27 @@ def test_another_changed_decay_loaded_through_the_inner_optimizer_warns_before_a
     with pytest.warns(UserWarning, match=r"shadow 1 \('ema_1'\) was saved with the decay 0.99, .* 0.999"):
         opt_b.optimizer.load_state_dict(sd)
     assert opt_b.state_dict()["param_groups"][0]["ema_updates"] == 3
+
+
+def test_a_dict_with_more_shadows_than_the_optimizer_is_refused_by_the_inner_load():
+    # without the decay record (ema_optim 0.2's inner state_dict()), the count is in the keys:
+    # a surplus shadow kept in the state would never be updated, and every later opt.state_dict()
+    # would be a dict that this optimizer's load_state_dict() refuses
+    model, opt = _build(decay=(0.9, 0.99))
+    _train(model, opt, 3, seed=1)
+    sd = opt.optimizer.state_dict()
+    for g in sd["param_groups"]:
+        g.update(
+            ema_steps=None, ema_updates=None, ema_decay_prod=None, ema_decay_prod_1=None, ema_decays=None
+        )
+    model_b, opt_b = _build(decay=0.9)
+    _train(model_b, opt_b, 2, seed=2)
+    before = opt_b.state_dict()
+    with pytest.raises(ValueError, match=r"has the shadows \['ema_1'\].*keeps \['ema'\]"):
+        opt_b.optimizer.load_state_dict(sd)
+    after = opt_b.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for i, s in before["state"].items():
+        assert s.keys() == after["state"][i].keys()
+        assert all(torch.equal(v, after["state"][i][k]) for k, v in s.items() if torch.is_tensor(v))
+    opt_b.load_state_dict(opt_b.state_dict())
