@@ -441,3 +441,24 @@ def test_lbfgs_with_a_scheduler_built_before_dynamo_wrapped_its_step_runs_global
         handle.remove()
     assert calls == [opt, opt]
     assert inner._opt_called
+
+
+def test_the_fused_step_runs_the_inner_pre_hooks_in_the_callers_grad_mode(monkeypatch):
+    # with no post hook on the inner optimizer, a steady-state step is the one body (not in parts)
+    model = _model()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = EMAOptimizer(inner, decay=0.9)
+    seen = []
+    inner.register_step_pre_hook(lambda o, a, k: seen.append(torch.is_grad_enabled()))
+    model(torch.ones(2, 6)).sum().backward()
+    opt.step()  # the first step installs the shadows: in parts
+
+    def in_parts(*args):
+        raise AssertionError("a steady-state step ran in parts")
+
+    monkeypatch.setattr(_runtime, "inner_step", in_parts)
+    for _ in range(2):
+        model(torch.ones(2, 6)).sum().backward()
+        opt.step()
+        assert torch.is_grad_enabled()
+    assert seen == [True] * 3
