@@ -115,6 +115,26 @@ def check_record(saved_groups: Sequence[Any], decays: Sequence[Any]) -> list[str
     return notes
 
 
+def check_shadow_keys(saved_state: Any, n: int) -> None:
+    """No state entry holds a shadow that an optimizer with ``n`` shadows does not keep (what a
+    load through the inner optimizer checks when the dict has no decay record): it would never
+    be updated, and every later state dict would not fit."""
+    if not isinstance(saved_state, Mapping):
+        return
+    names = _shadows.keys(n)
+    for k, entry in saved_state.items():
+        if not isinstance(entry, Mapping):
+            continue
+        extra = sorted(
+            str(kk) for kk in entry if _shadows.is_key(kk) and str(kk).split(":", 1)[0] not in names
+        )
+        if extra:
+            raise ValueError(
+                f"state[{k!r}] has the shadows {extra[:5]}, this optimizer keeps {list(names)} "
+                f"(decay has {n} entries): the state dict does not fit"
+            )
+
+
 def _is_record_entry(v: Any) -> bool:
     if isinstance(v, Mapping):
         return set(v) == {"power_gamma"} and _is_number(v["power_gamma"])

@@ -42,6 +42,7 @@ class Runtime:
         self.weight_tensors: list[Tensor] = []  # the 0-dim tensors they are kept in under compile
         self.record: list[Any] = []  # each shadow's decay as saved (_state_dict.record)
         self.loading = False  # inside load(): the inner optimizer's load hooks stand aside
+        self.held: dict[Tensor, dict[str, Any]] = {}  # shadows an inner load keeps from torch's
         self.lost: Optional[str] = (
             None  # what a load through the inner optimizer lost (warned at the next step)
         )
@@ -69,8 +70,9 @@ class Runtime:
 
         Returns the inner optimizer's undecorated update when this step can run as one traced
         body (:func:`fused_step`); None when it runs in parts: new shadows must be installed
-        after the inner update (its lazily created state first), or the inner step is not
-        torch's standard wrapper.
+        after the inner update (its lazily created state first), the inner optimizer has step
+        post hooks (the EMA folds in the weights they leave), or the inner step is not torch's
+        standard wrapper.
         """
         if self.swapped is not None:
             raise RuntimeError(
@@ -92,7 +94,11 @@ class Runtime:
             # not guards, so a changing decay reuses the graph.
             shadows = [g.shadows[0][0] for g in layout.groups]
             self.weights = self._weight_tensors(step_plan.weights, shadows[0].device, _weight_dtype(shadows))
-        return None if layout.incomplete else traced_body(inner)
+        # Here, not in the traced step: Dynamo drops attribute stores on an optimizer.
+        _mark_called(inner)
+        if layout.incomplete or getattr(inner, "_optimizer_step_post_hooks", None):
+            return None  # the inner's post hooks are part of its step (they may edit the weights)
+        return traced_body(inner)
 
     @torch.compiler.disable
     def adopt(self, inner: Optimizer, shadows: int) -> None:
@@ -227,17 +233,27 @@ class Runtime:
                     sd["state"][i] = {k: _inside_swap(k, v, ema) for k, v in entry.items()}
         return sd
 
-    def before_inner_load(self, inner: Optimizer, sd: Any) -> None:
-        """Refuse, with nothing changed, what the wrapper's own load refuses outright."""
+    def before_inner_load(self, inner: Optimizer, sd: Any) -> Optional[dict]:
+        """Refuse, with nothing changed, what the wrapper's own load refuses outright (a power
+        shadow saved with another gamma, more shadows than this optimizer keeps); warn of
+        a changed decay (before anything changes, as the wrapper's load does); keep from
+        torch's load the shadows it would break (``_state_dict.hold_back``)."""
+        self.held = {}
         if self.loading:
-            return
+            return None
         if self.swapped is not None:
             raise RuntimeError(
                 "load_state_dict() cannot run inside swap_ema_weights(); leave the block first"
             )
         self.offload.wait()
-        if isinstance(sd, dict) and isinstance(sd.get("param_groups"), (list, tuple)):
-            _load_check.check_record(sd["param_groups"], self.record)
+        if not isinstance(sd, dict):
+            return None
+        if isinstance(sd.get("param_groups"), (list, tuple)):
+            for note in _load_check.check_record(sd["param_groups"], self.record):
+                warnings.warn(note, UserWarning, stacklevel=4)
+        _load_check.check_shadow_keys(sd.get("state"), len(self.record))
+        sd, self.held = _state_dict.hold_back(sd, inner.param_groups)
+        return dict(sd)
 
     def inner_loaded(self, inner: Optimizer, spec: _shadows.Spec) -> None:
         """After ``opt.optimizer.load_state_dict(sd)``: take the counters it carried (exact), or
@@ -245,7 +261,8 @@ class Runtime:
         if self.loading:
             return
         self.layout = None
-        lost = _state_dict.adopt_inner_load(inner, spec)
+        held, self.held = self.held, {}
+        lost = _state_dict.adopt_inner_load(inner, spec, held)
         counters, problem = _load_check.counters_in(inner.param_groups, spec.count)
         shadowed = _state_dict.shadowed(inner.state)
         if not shadowed:
@@ -325,13 +342,12 @@ def fused_step(inner: Optimizer, body: Callable[..., Any], args: tuple, update: 
 
     It keeps what torch's step wrapper guarantees around both updates: the profiler record
     (``Optimizer.step#AdamW.step``), the inner optimizer's own pre hooks (which may replace the
-    arguments) and post hooks (now after the EMA update too), and the grad mode of the update
+    arguments), and the grad mode of the update
     (``defaults["differentiable"]``; the EMA always runs without grad). Like that wrapper, it sets
     the grad mode and breaks the graph *before* the body, so the compiler sees an inference graph
     whose in-place updates it can fuse and run without copies; the body is its own frame
     (:func:`_body_and_update`), so nothing breaks the graph between the two updates.
     """
-    _mark_called(inner)
     with torch.autograd.profiler.record_function(f"Optimizer.step#{type(inner).__name__}.step"):
         call_args, kwargs = _pre_hooks(inner, (inner, *args), {})
         prev = torch.is_grad_enabled()
@@ -360,7 +376,6 @@ def inner_step(inner: Optimizer, args: tuple) -> Any:
     value of a pre hook is refused the same way), and a profiler still shows the inner step
     (``Optimizer.step#Adam.step``) inside the wrapper's."""
     step, traceable = _class_step(inner)
-    _mark_called(inner)
     if _patched(inner) is not None or step is None:  # another patch, or unhooked
         return inner.step(*args)
     update = step.__wrapped__  # type: ignore[attr-defined]
@@ -377,14 +392,26 @@ def inner_step(inner: Optimizer, args: tuple) -> Any:
 
 def _patched(inner: Optimizer) -> Optional[Callable[..., Any]]:
     """A ``step`` patched on the instance, other than an LR scheduler's (which only marks the
-    step as called: :func:`_mark_called` does that)."""
+    step as called: :func:`_mark_called` does that). The scheduler's patch wraps the class's
+    step as it was then, which Dynamo may have wrapped in its ``disable`` since (LBFGS)."""
     patched = vars(inner).get("step")
-    if patched is not None and getattr(patched, "__wrapped__", None) is type(inner).step:
+    if patched is not None and _wraps_class_step(getattr(patched, "__wrapped__", None), inner):
         return None
     return patched
 
 
+def _wraps_class_step(wrapped: Any, inner: Optimizer) -> bool:
+    step: Any = type(inner).step
+    while step is not None:
+        if wrapped is step:
+            return True
+        step = getattr(step, "__wrapped__", None)
+    return False
+
+
 def _mark_called(inner: Optimizer) -> None:
+    """What an LR scheduler's patch of ``inner.step`` does, for the calls that bypass it
+    (:meth:`Runtime.begin`, eager, before either path runs the inner update)."""
     if "step" in vars(inner) and _patched(inner) is None:  # an LR scheduler built on the inner
         inner._opt_called = True  # type: ignore[attr-defined]
 

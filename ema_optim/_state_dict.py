@@ -133,10 +133,51 @@ def shadowed(state: Mapping) -> list[Any]:
     ]
 
 
-def adopt_inner_load(inner: Any, spec: _shadows.Spec) -> list[str]:
-    """After the inner optimizer loaded a dict by itself: its shadows back in the shadow dtype
-    and device (torch's load casts every state tensor to its param's), and entries that hold
-    shadows only back as ``ShadowState``. Returns what was lost, for a warning."""
+def hold_back(sd: Mapping, param_groups: list[dict]) -> tuple[Mapping, dict[Any, dict[str, Any]]]:
+    """Before the inner optimizer loads a dict by itself: what torch's load must not see, by
+    param, and the dict without it. An entry that holds shadows only (a param the inner
+    optimizer has not initialised: torch's load would hand it to the inner's ``__setstate__``
+    as a plain non-empty dict, and the Adam family reads its ``"step"``), and the buffer
+    shadows (torch's load would cast them to their anchor param's dtype)."""
+    state, groups = sd.get("state"), sd.get("param_groups")
+    if not isinstance(state, Mapping) or not isinstance(groups, (list, tuple)):
+        return sd, {}
+    saved = [g.get("params", ()) if isinstance(g, Mapping) else () for g in groups]
+    if len(saved) != len(param_groups) or any(
+        len(s) != len(g["params"]) for s, g in zip(saved, param_groups)
+    ):
+        return sd, {}  # torch refuses it
+    id_map = {k: p for s, g in zip(saved, param_groups) for k, p in zip(s, g["params"])}
+    kept, held = {}, {}
+    for k, entry in state.items():
+        if k in id_map and isinstance(entry, Mapping) and any(map(_shadows.is_key, entry)):
+            only = all(map(_shadows.is_key, entry))
+            out = {kk: v for kk, v in entry.items() if only or (_shadows.is_key(kk) and ":" in kk)}
+            if out:
+                held[id_map[k]] = out
+                entry = {kk: v for kk, v in entry.items() if kk not in out}
+                if not entry:
+                    continue
+        kept[k] = entry
+    return ({**sd, "state": kept}, held) if held else (sd, {})
+
+
+def adopt_inner_load(inner: Any, spec: _shadows.Spec, held: Optional[Mapping] = None) -> list[str]:
+    """After the inner optimizer loaded a dict by itself: the shadows :func:`hold_back` kept
+    from it installed (param shadows in the shadow dtype and device; buffer shadows as saved),
+    its shadows back in the shadow dtype and device (torch's load casts every state tensor to
+    its param's), and entries that hold shadows only back as ``ShadowState``. Returns what was
+    lost, for a warning."""
+    for p, entry in (held or {}).items():
+        made = {}
+        for k, v in entry.items():
+            if not isinstance(v, Tensor):
+                made[k] = v
+            elif _shadows.is_param_key(k) and v.shape == p.shape:
+                made[k] = spec.make(p, v)
+            else:  # a buffer's shadow (checked against its buffer at the next step)
+                made[k] = v.detach().to(device=spec.device or p.device, copy=True)
+        _shadows.install(inner.state, p, made)
     rounded = []
     for p in shadowed(inner.state):
         entry = inner.state[p]

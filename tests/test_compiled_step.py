@@ -10,10 +10,12 @@ its kernels).
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
-from torch.optim.optimizer import _use_grad_for_differentiable
+from torch.optim.optimizer import _use_grad_for_differentiable, register_optimizer_step_pre_hook
 
 from ema_optim import EMAOptimizer, _runtime, schedules
 from tests.reference import reference_shadows
@@ -363,3 +365,100 @@ def test_the_fused_step_keeps_grad_mode_hooks_and_profiler_record():
     names = [e.name for e in prof.events()]
     assert "Optimizer.step#AdamW.step" in names and "Optimizer.step#EMAOptimizer.step" in names
     assert seen == [("pre", True), ("post", True)] * 2
+
+
+def test_an_lr_scheduler_on_the_inner_optimizer_sees_the_compiled_step():
+    # Dynamo drops attribute stores on an optimizer in traced code: the step must be marked
+    # as called (for the scheduler's "lr_scheduler.step() before optimizer.step()" check) eagerly.
+    model = _model()
+    opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.5), decay=0.8)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt.optimizer, step_size=1, gamma=0.5)
+    step = torch.compile(opt.step, backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*lr_scheduler\.step\(\)")
+        for _ in range(3):
+            model(torch.ones(2, 6)).sum().backward()
+            step()
+            opt.zero_grad()
+            assert getattr(opt.optimizer, "_opt_called", False)
+            scheduler.step()
+    assert opt.param_groups[0]["lr"] == 0.125
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_the_ema_averages_the_weights_an_inner_post_hook_leaves(compiled):
+    # A post hook on the inner optimizer that edits the weights (a constraint after each step)
+    # is part of the inner step: the EMA folds in the weights it leaves, at every step.
+    model = _model()
+    inner = torch.optim.AdamW(model.parameters(), lr=0.5)
+
+    def constrain(opt, args, kwargs):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.clamp_(-0.2, 0.2)
+
+    inner.register_step_post_hook(constrain)
+    opt = EMAOptimizer(inner, decay=0.5)
+    step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
+    initial = [p.detach().double().clone() for p in model.parameters()]
+    weights = []
+    g = torch.Generator().manual_seed(4)
+    for _ in range(4):
+        model(torch.randn(8, 6, generator=g)).pow(2).sum().backward()
+        step()
+        opt.zero_grad()
+        weights.append([p.detach().double().clone() for p in model.parameters()])
+    for i, p in enumerate(model.parameters()):
+        want = reference_shadows(initial[i], [w[i] for w in weights], 0.5)[-1]
+        torch.testing.assert_close(opt.state[p]["ema"].double(), want, atol=1e-6, rtol=1e-5)
+
+
+def test_lbfgs_with_a_scheduler_built_before_dynamo_wrapped_its_step_runs_global_hooks_once():
+    # Dynamo wraps LBFGS.step in its disable at its first compile; an LR scheduler built on the
+    # inner optimizer before that patched the instance with the step as it was. The global step
+    # hooks still run once per step, for the wrapper.
+    class LateLBFGS(torch.optim.LBFGS):
+        pass
+
+    model = nn.Linear(3, 1)
+    inner = LateLBFGS(model.parameters(), lr=0.5, max_iter=2)
+    torch.optim.lr_scheduler.StepLR(inner, step_size=10)
+    LateLBFGS.step = torch._dynamo.disable(LateLBFGS.step)  # what Dynamo does to LBFGS
+    opt = EMAOptimizer(inner, decay=0.8)
+    calls = []
+    handle = register_optimizer_step_pre_hook(lambda o, a, k: calls.append(o))
+
+    def closure():
+        opt.zero_grad()
+        loss = model(torch.ones(4, 3)).pow(2).mean()
+        loss.backward()
+        return loss
+
+    try:
+        opt.step(closure)
+        opt.step(closure)
+    finally:
+        handle.remove()
+    assert calls == [opt, opt]
+    assert inner._opt_called
+
+
+def test_the_fused_step_runs_the_inner_pre_hooks_in_the_callers_grad_mode(monkeypatch):
+    # with no post hook on the inner optimizer, a steady-state step is the one body (not in parts)
+    model = _model()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = EMAOptimizer(inner, decay=0.9)
+    seen = []
+    inner.register_step_pre_hook(lambda o, a, k: seen.append(torch.is_grad_enabled()))
+    model(torch.ones(2, 6)).sum().backward()
+    opt.step()  # the first step installs the shadows: in parts
+
+    def in_parts(*args):
+        raise AssertionError("a steady-state step ran in parts")
+
+    monkeypatch.setattr(_runtime, "inner_step", in_parts)
+    for _ in range(2):
+        model(torch.ones(2, 6)).sum().backward()
+        opt.step()
+        assert torch.is_grad_enabled()
+    assert seen == [True] * 3

@@ -209,3 +209,99 @@ def test_a_frozen_param_unfrozen_later_still_gets_its_inner_state():
     model(torch.ones(2, 3)).sum().backward()
     opt.step()
     assert "exp_avg" in opt.state[model[0].weight]
+
+
+@pytest.mark.parametrize(
+    "inner", [torch.optim.AdamW, torch.optim.RMSprop, torch.optim.NAdam], ids=lambda c: c.__name__
+)
+def test_a_param_that_holds_only_shadows_survives_a_load_through_the_inner_optimizer(inner):
+    # A frozen (or unused) param holds its shadows only; torch's load would hand the Adam family
+    # a state entry without "step" (KeyError inside its __setstate__, the optimizer half-loaded).
+    def build():
+        model, opt = _build(decay=(0.9, 0.5), inner=inner)
+        model[0].bias.requires_grad_(False)
+        return model, opt
+
+    model, opt = build()
+    _train(model, opt, 3, seed=1)
+    _train(model, opt, 3, seed=2)
+    model_a, opt_a = build()
+    _train(model_a, opt_a, 3, seed=1)
+    saved = {"model": model_a.state_dict(), "opt": opt_a.optimizer.state_dict()}
+    model_b, opt_b = build()
+    model_b.load_state_dict(saved["model"])
+    opt_b.optimizer.load_state_dict(saved["opt"])
+    frozen = opt_b.state[model_b[0].bias]
+    assert "ema" in frozen and len(frozen) == 0  # still the inner optimizer's to initialise
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an exact resume says nothing
+        _train(model_b, opt_b, 3, seed=2)
+    for p, q in zip(model.parameters(), model_b.parameters()):
+        assert torch.equal(p, q)
+        for k in ("ema", "ema_1"):
+            assert torch.equal(opt.state[p][k], opt_b.state[q][k])
+    assert opt_b.state_dict()["param_groups"][0]["ema_updates"] == 6
+
+
+@pytest.mark.parametrize("dtype,ema_dtype", [(torch.bfloat16, None), (torch.float32, torch.float64)])
+def test_buffer_shadows_keep_their_dtype_through_the_inner_optimizer(dtype, ema_dtype):
+    # torch's load casts every state tensor to its param's dtype; the buffer shadows too
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1)).to(dtype)
+    opt = EMAOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=1e-2), decay=0.9, buffers=model, ema_dtype=ema_dtype
+    )
+    _train(model, opt, 3, seed=1)
+    before = {k: v.clone() for k, v in opt.state[model[0].weight].items() if ":" in str(k)}
+    assert before and all(v.dtype == (ema_dtype or torch.float32) for v in before.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the param shadows were rounded: that warning is another test's
+        opt.optimizer.load_state_dict(opt.optimizer.state_dict())
+        _train(model, opt, 0, seed=2)
+    after = opt.state[model[0].weight]
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v)
+
+
+def test_another_changed_decay_loaded_through_the_inner_optimizer_warns_before_anything_changes():
+    model, opt = _build(decay=(0.9, 0.99))
+    _train(model, opt, 3, seed=1)
+    sd = opt.optimizer.state_dict()
+    model_b, opt_b = _build(decay=(0.9, 0.999))
+    _train(model_b, opt_b, 2, seed=2)
+    before = {k: v.clone() for k, v in opt_b.state[model_b[0].weight].items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning raised as an error changes nothing
+        with pytest.raises(
+            UserWarning, match=r"shadow 1 \('ema_1'\) was saved with the decay 0.99, .* 0.999"
+        ):
+            opt_b.optimizer.load_state_dict(sd)
+    assert all(torch.equal(v, opt_b.state[model_b[0].weight][k]) for k, v in before.items())
+    assert opt_b.state_dict()["param_groups"][0]["ema_updates"] == 2
+    with pytest.warns(UserWarning, match=r"shadow 1 \('ema_1'\) was saved with the decay 0.99, .* 0.999"):
+        opt_b.optimizer.load_state_dict(sd)
+    assert opt_b.state_dict()["param_groups"][0]["ema_updates"] == 3
+
+
+def test_a_dict_with_more_shadows_than_the_optimizer_is_refused_by_the_inner_load():
+    # without the decay record (ema_optim 0.2's inner state_dict()), the count is in the keys:
+    # a surplus shadow kept in the state would never be updated, and every later opt.state_dict()
+    # would be a dict that this optimizer's load_state_dict() refuses
+    model, opt = _build(decay=(0.9, 0.99))
+    _train(model, opt, 3, seed=1)
+    sd = opt.optimizer.state_dict()
+    for g in sd["param_groups"]:
+        g.update(
+            ema_steps=None, ema_updates=None, ema_decay_prod=None, ema_decay_prod_1=None, ema_decays=None
+        )
+    model_b, opt_b = _build(decay=0.9)
+    _train(model_b, opt_b, 2, seed=2)
+    before = opt_b.state_dict()
+    with pytest.raises(ValueError, match=r"has the shadows \['ema_1'\].*keeps \['ema'\]"):
+        opt_b.optimizer.load_state_dict(sd)
+    after = opt_b.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for i, s in before["state"].items():
+        assert s.keys() == after["state"][i].keys()
+        assert all(torch.equal(v, after["state"][i][k]) for k, v in s.items() if torch.is_tensor(v))
+    opt_b.load_state_dict(opt_b.state_dict())
