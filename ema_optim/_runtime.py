@@ -324,16 +324,25 @@ def _class_step(inner: Optimizer) -> tuple[Optional[Callable[..., Any]], bool]:
     torch.compile may trace it. Dynamo wraps the steps it does not trace (LBFGS, SparseAdam)
     in its ``disable``, above or below the hooks' wrapper depending on which came first; both
     wrappers copy the attributes of what they wrap, so they are known by their code."""
-    step: Any = type(inner).step
-    traceable = True
-    while step is not None:
-        code = getattr(step, "__code__", None)
+    hooked, traceable = _hooked(type(inner).step)
+    patched = vars(inner).get("step")
+    if hooked is None and getattr(patched, "_wrapped_by_lr_sched", False):
+        # torch < 2.8: Dynamo's disable of a hooked step keeps only what is below the hooks;
+        # an LR scheduler's patch made before still holds the hooked step
+        hooked, _ = _hooked(getattr(patched, "__wrapped__", None))
+    return hooked, traceable
+
+
+def _hooked(step: Any) -> tuple[Optional[Callable[..., Any]], bool]:
+    traceable, hooked = True, None
+    while step is not None:  # to the innermost hooks' wrapper: a subclass of a class whose
+        code = getattr(step, "__code__", None)  # step was hooked, then wrapped, has two
         if code is _HOOKED_CODE:
-            return step, traceable
-        if code is _DISABLED_CODE:
+            hooked = step
+        elif code is _DISABLED_CODE:
             traceable = False
         step = getattr(step, "__wrapped__", None)
-    return None, traceable
+    return hooked, traceable
 
 
 def fused_step(inner: Optimizer, body: Callable[..., Any], args: tuple, update: Callable[[], None]) -> Any:
@@ -395,7 +404,10 @@ def _patched(inner: Optimizer) -> Optional[Callable[..., Any]]:
     step as called: :func:`_mark_called` does that). The scheduler's patch wraps the class's
     step as it was then, which Dynamo may have wrapped in its ``disable`` since (LBFGS)."""
     patched = vars(inner).get("step")
-    if patched is not None and _wraps_class_step(getattr(patched, "__wrapped__", None), inner):
+    if patched is not None and (
+        getattr(patched, "_wrapped_by_lr_sched", False)  # torch's mark on that patch
+        or _wraps_class_step(getattr(patched, "__wrapped__", None), inner)
+    ):
         return None
     return patched
 

@@ -223,7 +223,10 @@ def test_compiled_step_with_offload_equals_compiled_on_device(monkeypatch):
         monkeypatch.undo()
         return shadows(opt, model)
 
-    assert all(torch.equal(a, b) for a, b in zip(run(False), run(True)))
+    # The offloaded fold runs eagerly in the background; the compiled update on the device
+    # is traced (compiled kernels may round differently: on torch 2.7 they do, by an ulp).
+    for a, b in zip(run(False), run(True)):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
 
 
 def test_offload_benchmark_runs_on_cpu():
