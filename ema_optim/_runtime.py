@@ -18,7 +18,7 @@ is seen by all.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch._dynamo
@@ -199,9 +199,8 @@ class Runtime:
             warnings.warn(note, UserWarning, stacklevel=3)
         self.loading = True  # the inner optimizer's load hook: this load is ours
         try:
-            _state_dict.load_inner(
-                inner, plan.inner
-            )  # warnings first: one raised as an error changes nothing
+            # after the warnings: one raised as an error has changed nothing
+            _state_dict.load_inner(inner, plan.inner)
         finally:
             self.loading = False
         for p, s in shadows.items():
@@ -335,13 +334,12 @@ def _class_step(inner: Optimizer) -> tuple[Optional[Callable[..., Any]], bool]:
 
 def _hooked(step: Any) -> tuple[Optional[Callable[..., Any]], bool]:
     traceable, hooked = True, None
-    while step is not None:  # to the innermost hooks' wrapper: a subclass of a class whose
-        code = getattr(step, "__code__", None)  # step was hooked, then wrapped, has two
+    for f in _chain(step):  # to the innermost hooks' wrapper: a subclass of a class whose step
+        code = getattr(f, "__code__", None)  # was hooked, then wrapped, has two
         if code is _HOOKED_CODE:
-            hooked = step
+            hooked = f
         elif code is _DISABLED_CODE:
             traceable = False
-        step = getattr(step, "__wrapped__", None)
     return hooked, traceable
 
 
@@ -349,27 +347,24 @@ def fused_step(inner: Optimizer, body: Callable[..., Any], args: tuple, update: 
     """``inner.step(*args)`` and then ``update()`` as one traced body (the EMA update right after
     the inner one, in one graph under ``torch.compile``).
 
-    It keeps what torch's step wrapper guarantees around both updates: the profiler record
-    (``Optimizer.step#AdamW.step``), the inner optimizer's own pre hooks (which may replace the
-    arguments), and the grad mode of the update
-    (``defaults["differentiable"]``; the EMA always runs without grad). Like that wrapper, it sets
-    the grad mode and breaks the graph *before* the body, so the compiler sees an inference graph
-    whose in-place updates it can fuse and run without copies; the body is its own frame
-    (:func:`_body_and_update`), so nothing breaks the graph between the two updates.
+    Around both updates it keeps what torch's step wrapper guarantees (:func:`_with_inner_hooks`)
+    and the grad mode of the update (``defaults["differentiable"]``; the EMA always runs without
+    grad). Like that wrapper, it sets the grad mode and breaks the graph *before* the body, so the
+    compiler sees an inference graph whose in-place updates it can fuse and run without copies;
+    the body is its own frame (:func:`_body_and_update`), so nothing breaks the graph between the
+    two updates.
     """
-    with torch.autograd.profiler.record_function(f"Optimizer.step#{type(inner).__name__}.step"):
-        call_args, kwargs = _pre_hooks(inner, (inner, *args), {})
+
+    def run(call_args: tuple, kwargs: dict) -> Any:
         prev = torch.is_grad_enabled()
         try:
             torch.set_grad_enabled(inner.defaults["differentiable"])
             torch._dynamo.graph_break()
-            out = _body_and_update(body, call_args, kwargs, update)
+            return _body_and_update(body, call_args, kwargs, update)
         finally:
             torch.set_grad_enabled(prev)
-        inner._optimizer_step_code()
-        for post_hook in list(inner._optimizer_step_post_hooks.values()):
-            post_hook(inner, call_args, kwargs)
-    return out
+
+    return _with_inner_hooks(inner, args, run)
 
 
 def _body_and_update(body: Callable[..., Any], args: tuple, kwargs: dict, update: Callable[[], None]) -> Any:
@@ -390,9 +385,16 @@ def inner_step(inner: Optimizer, args: tuple) -> Any:
     update = step.__wrapped__  # type: ignore[attr-defined]
     if not traceable:  # as Dynamo keeps it: run eagerly
         update = torch.compiler.disable(update)
+    return _with_inner_hooks(inner, args, lambda call_args, kwargs: update(*call_args, **kwargs))
+
+
+def _with_inner_hooks(inner: Optimizer, args: tuple, run: Callable[[tuple, dict], Any]) -> Any:
+    """What torch's step wrapper (``Optimizer.profile_hook_step``) does around ``run``, but the
+    global hooks: the profiler record, the inner optimizer's own pre hooks (which may replace
+    the arguments) and post hooks."""
     with torch.autograd.profiler.record_function(f"Optimizer.step#{type(inner).__name__}.step"):
         call_args, kwargs = _pre_hooks(inner, (inner, *args), {})
-        out = update(*call_args, **kwargs)
+        out = run(call_args, kwargs)
         inner._optimizer_step_code()
         for post_hook in list(inner._optimizer_step_post_hooks.values()):
             post_hook(inner, call_args, kwargs)
@@ -413,12 +415,14 @@ def _patched(inner: Optimizer) -> Optional[Callable[..., Any]]:
 
 
 def _wraps_class_step(wrapped: Any, inner: Optimizer) -> bool:
-    step: Any = type(inner).step
+    return any(f is wrapped for f in _chain(type(inner).step))
+
+
+def _chain(step: Any) -> Iterator[Any]:
+    """``step`` and what it wraps, each ``__wrapped__`` down."""
     while step is not None:
-        if wrapped is step:
-            return True
+        yield step
         step = getattr(step, "__wrapped__", None)
-    return False
 
 
 def _mark_called(inner: Optimizer) -> None:

@@ -308,16 +308,21 @@ def test_a_non_standard_inner_step_falls_back_and_stays_correct():
     assert _runtime.traced_body(inner) is None
     opt = EMAOptimizer(inner, decay=0.8)
     step = torch.compile(opt.step, backend="aot_eager")
+    _assert_follows_the_reference(model, opt, step, decay=0.8, seed=3, loss=lambda y: y.pow(2).mean())
+
+
+def _assert_follows_the_reference(model, opt, step, decay, seed, loss):
+    """Four steps of ``step``; then each shadow against the float64 reference."""
     initial = [p.detach().double().clone() for p in model.parameters()]
     weights = []
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(seed)
     for _ in range(4):
-        model(torch.randn(8, 6, generator=g)).pow(2).mean().backward()
+        loss(model(torch.randn(8, 6, generator=g))).backward()
         step()
         opt.zero_grad()
         weights.append([p.detach().double().clone() for p in model.parameters()])
     for i, p in enumerate(model.parameters()):
-        want = reference_shadows(initial[i], [w[i] for w in weights], 0.8)[-1]
+        want = reference_shadows(initial[i], [w[i] for w in weights], decay)[-1]
         torch.testing.assert_close(opt.state[p]["ema"].double(), want, atol=1e-6, rtol=1e-5)
 
 
@@ -400,17 +405,7 @@ def test_the_ema_averages_the_weights_an_inner_post_hook_leaves(compiled):
     inner.register_step_post_hook(constrain)
     opt = EMAOptimizer(inner, decay=0.5)
     step = torch.compile(opt.step, backend="aot_eager") if compiled else opt.step
-    initial = [p.detach().double().clone() for p in model.parameters()]
-    weights = []
-    g = torch.Generator().manual_seed(4)
-    for _ in range(4):
-        model(torch.randn(8, 6, generator=g)).pow(2).sum().backward()
-        step()
-        opt.zero_grad()
-        weights.append([p.detach().double().clone() for p in model.parameters()])
-    for i, p in enumerate(model.parameters()):
-        want = reference_shadows(initial[i], [w[i] for w in weights], 0.5)[-1]
-        torch.testing.assert_close(opt.state[p]["ema"].double(), want, atol=1e-6, rtol=1e-5)
+    _assert_follows_the_reference(model, opt, step, decay=0.5, seed=4, loss=lambda y: y.pow(2).sum())
 
 
 def test_lbfgs_with_a_scheduler_built_before_dynamo_wrapped_its_step_runs_global_hooks_once():

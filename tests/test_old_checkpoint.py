@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.data.make_v01_checkpoint import build, train
+from tests.data.make_v01_checkpoint import build, build_plain, train
 
 DATA = Path(__file__).parent / "data" / "v0.1_checkpoint.pt"
 STEPS = 4
@@ -30,17 +30,6 @@ COUNTERS = ("ema_steps", "ema_updates", "ema_decay_prod")  # 0.1's keys in each 
 def warmup_decay(t: int) -> float:
     """schedules.warmup(0.99) as the SPEC writes it: clamp(1 - (1 + t) ** (-2/3), 0, 0.99)."""
     return min(max(1.0 - (1.0 + t) ** (-2.0 / 3.0), 0.0), MAX_DECAY)
-
-
-def plain_copy():
-    """make_v01_checkpoint.build()'s model and AdamW, with no wrapper."""
-    torch.manual_seed(0)
-    fp32 = torch.nn.Linear(4, 3)
-    bf16 = torch.nn.Linear(3, 2).to(torch.bfloat16)
-    inner = torch.optim.AdamW(
-        [{"params": fp32.parameters()}, {"params": bf16.parameters(), "lr": 0.02}], lr=0.01
-    )
-    return torch.nn.ModuleDict({"fp32": fp32, "bf16": bf16}), inner
 
 
 def inner_part(sd: dict) -> dict:
@@ -75,7 +64,7 @@ def test_v01_checkpoint_resumes_as_v01_would():
     # A second copy: torch optimizers adopt loaded tensors (e.g. Adam's "step") without
     # copying them, so the two runs must not share one loaded dict.
     saved = torch.load(DATA, weights_only=True)
-    ref_model, ref_opt = plain_copy()
+    ref_model, ref_opt = build_plain()
     ref_model.load_state_dict(saved["model"])
     ref_opt.load_state_dict(inner_part(saved["optimizer"]))
     ref_g = torch.Generator()

@@ -14,17 +14,23 @@ import torch
 from ema_optim import EMAOptimizer, schedules
 
 
-def build():
+def build_plain():
+    """The model and its AdamW, not wrapped."""
     torch.manual_seed(0)
     fp32 = torch.nn.Linear(4, 3)
     bf16 = torch.nn.Linear(3, 2).to(torch.bfloat16)
     inner = torch.optim.AdamW(
         [{"params": fp32.parameters()}, {"params": bf16.parameters(), "lr": 0.02}], lr=0.01
     )
+    return torch.nn.ModuleDict({"fp32": fp32, "bf16": bf16}), inner
+
+
+def build():
+    model, inner = build_plain()
     opt = EMAOptimizer(
         inner, decay=schedules.warmup(0.99), update_after_step=2, update_every=2, bias_correction=True
     )
-    return torch.nn.ModuleDict({"fp32": fp32, "bf16": bf16}), opt
+    return model, opt
 
 
 def train(model, opt, steps, g):
