@@ -145,19 +145,21 @@ def copy_(groups: Sequence[Group]) -> None:
             torch._foreach_copy_(column, g.params)
 
 
-def lerp_(groups: Sequence[Group], weights: Sequence[Weight]) -> None:
+def lerp_(groups: Sequence[Group], weights: Sequence[Weight], whole: Sequence[bool] = ()) -> None:
     """``ema_k <- ema_k + weights[k] * (w - ema_k)`` for every shadow ``k``, i.e.
     ``ema_k <- d_k * ema_k + (1 - d_k) * w`` with ``weights[k] = 1 - d_k``.
 
     Each weight is a Python float (eager: the fastest multi-tensor kernels take it as a
     kernel argument, no device read) or a 0-dim tensor on the shadows' device (under
     ``torch.compile``, or when the weight depends on device values such as GradScaler's
-    ``found_inf``); neither form syncs.
+    ``found_inf``); neither form syncs. ``whole[k]``: weight ``k`` is 1 on the host (the
+    update replaces the shadow; a GradScaler skip may still make it 0 on the device), which
+    the traced form keeps exact, as eager's lerp is at both ends.
     """
     traced = torch.compiler.is_compiling()
     for g in groups:
         if traced:
-            _traced_lerp_(g, weights)
+            _traced_lerp_(g, weights, whole)
         elif g.casts is not None:
             _cast_lerp_(g.casts, weights)
         else:
@@ -165,17 +167,34 @@ def lerp_(groups: Sequence[Group], weights: Sequence[Weight]) -> None:
                 _foreach_lerp_(column, g.params, w)
 
 
-def _traced_lerp_(g: Group, weights: Sequence[Weight]) -> None:
-    # Under torch.compile, the plain form: Inductor lowers it to pointwise code that it fuses
-    # with the inner optimizer's update (one kernel, each weight read once). The cast of
-    # low-precision params happens in registers, so there is no scratch; a 0-dim tensor weight
-    # goes in through the Scalar overload, which is decomposed (no host read). The List overload
-    # with tensor weights has no lowering: it would run as an ATen fallback into new buffers,
-    # followed by copies back into the shadows.
+def _traced_lerp_(g: Group, weights: Sequence[Weight], whole: Sequence[bool]) -> None:
+    # Under torch.compile: the lerp written out, ``ema + (w - ema) * weight`` (lerp's own formula
+    # for weights below 0.5, within a rounding of it above), as foreach ops that Inductor fuses
+    # into the inner optimizer's kernel: each weight read once, low-precision params cast in
+    # registers, no scratch. The form is what makes the fusion pay (benchmarks/RESULTS.md):
+    # - Inductor inlines these ops into each shadow's store. ``_foreach_lerp_``'s decomposition
+    #   (both branches and a select) is stored to a buffer first, and the float32-only copy into
+    #   the shadow then makes Inductor's CPU tiling pick the float32 vector width for the whole
+    #   kernel: half the lanes of a bf16 inner update, whose per-iteration scalar work (Adam's
+    #   bias corrections) then doubles per element (+0.9 of the step instead of +0.26, AdamW
+    #   bf16 on AVX-512).
+    # - A 0-dim tensor weight goes in through the Tensor overloads (decomposed, no host read);
+    #   the List overload of ``_foreach_lerp_`` with tensor weights has no lowering (an ATen
+    #   fallback into new buffers, then copies back).
+    # - A weight of 1 on the host (a copy) selects instead of computing, so the copy is exact
+    #   (and a GradScaler skip, weight 0 on the device, keeps the shadow).
     dtype = g.shadows[0][0].dtype
     ends = g.params if g.params[0].dtype == dtype else [p.to(dtype) for p in g.params]
-    for column, w in zip(g.shadows, weights):
-        torch._foreach_lerp_(column, ends, _weight_for(w, column[0]))  # type: ignore[arg-type]
+    for k, (column, w) in enumerate(zip(g.shadows, weights)):
+        w = _weight_for(w, column[0])
+        if k < len(whole) and whole[k]:
+            if isinstance(w, Tensor):
+                kept = w > 0
+                torch._foreach_copy_(column, [torch.where(kept, e, s) for s, e in zip(column, ends)])
+            elif w > 0:
+                torch._foreach_copy_(column, ends)
+        else:
+            torch._foreach_add_(column, torch._foreach_mul(torch._foreach_sub(ends, column), w))
 
 
 def _weight_for(weight: Weight, like: Tensor) -> Weight:

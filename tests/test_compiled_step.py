@@ -10,6 +10,7 @@ its kernels).
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -41,7 +42,8 @@ class ScaleAwareSGD(torch.optim.SGD):
             if scale is not None:
                 keep = 1.0 - found_inf.reshape(())
                 factor = keep * group["lr"] / scale.reshape(())
-                grads = torch._foreach_mul(grads, factor)
+                skip = found_inf.reshape(()).bool()
+                grads = [g.mul(factor).masked_fill(skip, 0.0) for g in grads]  # inf * 0 is nan
                 torch._foreach_sub_(params, grads)
             else:
                 torch._foreach_add_(params, grads, alpha=-group["lr"])
@@ -241,6 +243,37 @@ def test_inductor_fuses_and_matches_the_reference():
         for k, decay in enumerate((0.5, 0.9)):
             want = reference_shadows(initial[i], [w[i] for w in weights], decay)[-1]
             torch.testing.assert_close(opt.state[p][("ema", "ema_1")[k]].double(), want, atol=1e-6, rtol=1e-5)
+
+
+def _vector_widths(step, calls=3):
+    """The vector widths of the loops in the code Inductor generated at the last of ``calls``
+    calls of ``step`` that compiled something (its steady state)."""
+    from torch._inductor.utils import run_and_get_code
+
+    widths = None
+    for _ in range(calls):
+        _, codes = run_and_get_code(step)
+        if codes:
+            widths = set(re.findall(r"x0\+=static_cast<int64_t>\((\d+)L\)", " ".join(codes)))
+    return widths
+
+
+def test_inductor_keeps_the_inner_kernels_vector_width_with_bf16_params():
+    # fp32 shadows of bf16 params fused into a bf16 AdamW kernel: the kernel still runs at the
+    # inner update's vector width (AVX-512: 32 lanes), not at float32's (16), which doubled the
+    # per-element cost of the inner update's scalar work (+0.9 of the step on CPU).
+    def params():
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(4096).to(torch.bfloat16)) for _ in range(2)]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        return ps
+
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        inner = _vector_widths(torch.compile(torch.optim.AdamW(params(), lr=1e-3, foreach=True).step))
+        opt = EMAOptimizer(torch.optim.AdamW(params(), lr=1e-3, foreach=True), decay=0.999)
+        wrapper = _vector_widths(torch.compile(opt.step))
+    assert inner and wrapper == inner, (inner, wrapper)
 
 
 def test_no_recompile_over_twenty_steps_with_a_schedule():
@@ -457,3 +490,76 @@ def test_the_fused_step_runs_the_inner_pre_hooks_in_the_callers_grad_mode(monkey
         opt.step()
         assert torch.is_grad_enabled()
     assert seen == [True] * 3
+
+
+class Assign(torch.optim.Optimizer):
+    """Moves each weight to its gradient (divided by GradScaler's scale, a power of 2; a step
+    with ``found_inf`` leaves the weights): any weights, to the bit, through a standard step."""
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params):
+        super().__init__(params, {"differentiable": False})
+
+    @_use_grad_for_differentiable
+    def step(self, closure=None):
+        scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if scale is None:
+                    p.copy_(p.grad)
+                else:
+                    p.copy_(torch.where(found_inf.reshape(()) > 0, p, p.grad / scale.reshape(())))
+
+
+def _targets(n, size=256):
+    """Weights for each step, alternating between magnitudes 1 and 1e-6: a copy computed as
+    ``ema + (w - ema) * 1`` rounds there (``w - ema`` loses digits of the small weight)."""
+    g = torch.Generator().manual_seed(9)
+    return [torch.rand(size, generator=g).add_(0.5).mul_(1e-6 if k % 2 else 1.0) for k in range(n)]
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"decay": 0.0}, "ema"),
+        ({"decay": (0.9, 0.0)}, "ema_1"),
+        ({"decay": 0.9, "update_after_step": 100}, "ema"),
+    ],
+    ids=["hard-copy", "one-of-two", "copy-phase"],
+)
+def test_compiled_copies_are_exact(kwargs, key):
+    # A weight of 1 (decay 0: a hard target) and the copy phase give the weights bit for bit,
+    # compiled as eagerly.
+    p = nn.Parameter(torch.ones(256))
+    opt = EMAOptimizer(Assign([p]), **kwargs)
+    step = torch.compile(opt.step, backend="aot_eager")
+    for n, target in enumerate(_targets(6)):
+        p.grad = target
+        step()
+        assert torch.equal(p, target)
+        assert torch.equal(opt.state[p][key], p), n
+
+
+def test_a_compiled_gradscaler_skip_keeps_the_shadows_and_a_copy_stays_exact():
+    # GradScaler skips a step with inf gradients on the device (found_inf): the shadows keep
+    # their values bit for bit, also one whose weight is 1 (a hard target updated every 2nd
+    # step, so it differs from the weights when the skip comes); the other copies are exact.
+    p = nn.Parameter(torch.ones(256))
+    opt = EMAOptimizer(Assign([p]), decay=(0.0, 0.5), update_every=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=1000)
+    scaler.scale(torch.ones(()))  # sets the scale up
+    step = _scaler_step(scaler, opt, torch.compile(opt.step, backend="aot_eager"))
+    for n, target in enumerate(_targets(8), start=1):
+        p.grad = target * scaler.get_scale()  # a power of 2: exact
+        if n == 6:
+            p.grad[0] = float("inf")
+            before = [opt.state[p][k].clone() for k in ("ema", "ema_1")]
+            assert not torch.equal(before[0], p)
+        step()
+        scaler.update()
+        if n == 6:
+            assert all(torch.equal(opt.state[p][k], b) for k, b in zip(("ema", "ema_1"), before))
+        elif n % 2 == 0:
+            assert torch.equal(p, target)
+            assert torch.equal(opt.state[p]["ema"], p), n
