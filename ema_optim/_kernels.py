@@ -145,21 +145,20 @@ def copy_(groups: Sequence[Group]) -> None:
             torch._foreach_copy_(column, g.params)
 
 
-def lerp_(groups: Sequence[Group], weights: Sequence[Weight], whole: Sequence[bool] = ()) -> None:
+def lerp_(groups: Sequence[Group], weights: Sequence[Weight], may_copy: Sequence[bool] = ()) -> None:
     """``ema_k <- ema_k + weights[k] * (w - ema_k)`` for every shadow ``k``, i.e.
     ``ema_k <- d_k * ema_k + (1 - d_k) * w`` with ``weights[k] = 1 - d_k``.
 
     Each weight is a Python float (eager: the fastest multi-tensor kernels take it as a
     kernel argument, no device read) or a 0-dim tensor on the shadows' device (under
     ``torch.compile``, or when the weight depends on device values such as GradScaler's
-    ``found_inf``); neither form syncs. ``whole[k]``: weight ``k`` is 1 on the host (the
-    update replaces the shadow; a GradScaler skip may still make it 0 on the device), which
-    the traced form keeps exact, as eager's lerp is at both ends.
+    ``found_inf``); neither form syncs. ``may_copy[k]``: weight ``k`` can be exactly 1 (a
+    copy), which the traced form then keeps exact, as eager's lerp is at both ends.
     """
     traced = torch.compiler.is_compiling()
     for g in groups:
         if traced:
-            _traced_lerp_(g, weights, whole)
+            _traced_lerp_(g, weights, may_copy)
         elif g.casts is not None:
             _cast_lerp_(g.casts, weights)
         else:
@@ -167,7 +166,7 @@ def lerp_(groups: Sequence[Group], weights: Sequence[Weight], whole: Sequence[bo
                 _foreach_lerp_(column, g.params, w)
 
 
-def _traced_lerp_(g: Group, weights: Sequence[Weight], whole: Sequence[bool]) -> None:
+def _traced_lerp_(g: Group, weights: Sequence[Weight], may_copy: Sequence[bool]) -> None:
     # Under torch.compile: the lerp written out, ``ema + (w - ema) * weight`` (lerp's own formula
     # for weights below 0.5, within a rounding of it above), as foreach ops that Inductor fuses
     # into the inner optimizer's kernel: each weight read once, low-precision params cast in
@@ -176,25 +175,28 @@ def _traced_lerp_(g: Group, weights: Sequence[Weight], whole: Sequence[bool]) ->
     #   (both branches and a select) is stored to a buffer first, and the float32-only copy into
     #   the shadow then makes Inductor's CPU tiling pick the float32 vector width for the whole
     #   kernel: half the lanes of a bf16 inner update, whose per-iteration scalar work (Adam's
-    #   bias corrections) then doubles per element (+0.9 of the step instead of +0.26, AdamW
+    #   bias corrections) then doubles per element (+0.9 of the step instead of +0.3, AdamW
     #   bf16 on AVX-512).
     # - A 0-dim tensor weight goes in through the Tensor overloads (decomposed, no host read);
     #   the List overload of ``_foreach_lerp_`` with tensor weights has no lowering (an ATen
     #   fallback into new buffers, then copies back).
-    # - A weight of 1 on the host (a copy) selects instead of computing, so the copy is exact
-    #   (and a GradScaler skip, weight 0 on the device, keeps the shadow).
+    # - A shadow whose weight can be exactly 1 (``may_copy``: fixed for the optimizer's life, so
+    #   never a new guard) selects the weights where it is, on the device: the copy is exact
+    #   (``ema + (w - ema) * 1`` may round), and a GradScaler skip (weight 0) keeps the shadow.
+    #   The select costs a little (+0.1 of an fp32 AdamW step with two shadows), so only there.
     dtype = g.shadows[0][0].dtype
     ends = g.params if g.params[0].dtype == dtype else [p.to(dtype) for p in g.params]
     for k, (column, w) in enumerate(zip(g.shadows, weights)):
         w = _weight_for(w, column[0])
-        if k < len(whole) and whole[k]:
-            if isinstance(w, Tensor):
-                kept = w > 0
-                torch._foreach_copy_(column, [torch.where(kept, e, s) for s, e in zip(column, ends)])
-            elif w > 0:
-                torch._foreach_copy_(column, ends)
+        step = torch._foreach_mul(torch._foreach_sub(ends, column), w)
+        if k < len(may_copy) and may_copy[k] and isinstance(w, Tensor):
+            whole = w == 1  # not ``w > 0``: a complex shadow's weight is complex
+            moved = torch._foreach_add(column, step)
+            torch._foreach_copy_(column, [torch.where(whole, e, m) for e, m in zip(ends, moved)])
+        elif not isinstance(w, Tensor) and w == 1:  # a Python float (the graph is specialized on it)
+            torch._foreach_copy_(column, ends)
         else:
-            torch._foreach_add_(column, torch._foreach_mul(torch._foreach_sub(ends, column), w))
+            torch._foreach_add_(column, step)
 
 
 def _weight_for(weight: Weight, like: Tensor) -> Weight:
