@@ -145,20 +145,21 @@ def copy_(groups: Sequence[Group]) -> None:
             torch._foreach_copy_(column, g.params)
 
 
-def lerp_(groups: Sequence[Group], weights: Sequence[Weight], may_copy: Sequence[bool] = ()) -> None:
+def lerp_(groups: Sequence[Group], weights: Sequence[Weight], copies: Sequence[bool] = ()) -> None:
     """``ema_k <- ema_k + weights[k] * (w - ema_k)`` for every shadow ``k``, i.e.
     ``ema_k <- d_k * ema_k + (1 - d_k) * w`` with ``weights[k] = 1 - d_k``.
 
     Each weight is a Python float (eager: the fastest multi-tensor kernels take it as a
     kernel argument, no device read) or a 0-dim tensor on the shadows' device (under
     ``torch.compile``, or when the weight depends on device values such as GradScaler's
-    ``found_inf``); neither form syncs. ``may_copy[k]``: weight ``k`` can be exactly 1 (a
-    copy), which the traced form then keeps exact, as eager's lerp is at both ends.
+    ``found_inf``); neither form syncs. ``copies[k]``: weight ``k`` is 1 (a copy) at every
+    update, on the device 0 at a GradScaler skip; the traced form keeps both exact, as eager's
+    lerp is at both ends.
     """
     traced = torch.compiler.is_compiling()
     for g in groups:
         if traced:
-            _traced_lerp_(g, weights, may_copy)
+            _traced_lerp_(g, weights, copies)
         elif g.casts is not None:
             _cast_lerp_(g.casts, weights)
         else:
@@ -166,7 +167,7 @@ def lerp_(groups: Sequence[Group], weights: Sequence[Weight], may_copy: Sequence
                 _foreach_lerp_(column, g.params, w)
 
 
-def _traced_lerp_(g: Group, weights: Sequence[Weight], may_copy: Sequence[bool]) -> None:
+def _traced_lerp_(g: Group, weights: Sequence[Weight], copies: Sequence[bool]) -> None:
     # Under torch.compile: the lerp written out, ``ema + (w - ema) * weight`` (lerp's own formula
     # for weights below 0.5, within a rounding of it above), as foreach ops that Inductor fuses
     # into the inner optimizer's kernel: each weight read once, low-precision params cast in
@@ -180,16 +181,19 @@ def _traced_lerp_(g: Group, weights: Sequence[Weight], may_copy: Sequence[bool])
     # - A 0-dim tensor weight goes in through the Tensor overloads (decomposed, no host read);
     #   the List overload of ``_foreach_lerp_`` with tensor weights has no lowering (an ATen
     #   fallback into new buffers, then copies back).
-    # - A shadow whose weight can be exactly 1 (``may_copy``: fixed for the optimizer's life, so
-    #   never a new guard) selects the weights where it is, on the device: the copy is exact
-    #   (``ema + (w - ema) * 1`` may round), and a GradScaler skip (weight 0) keeps the shadow.
-    #   The select costs a little (+0.1 of an fp32 AdamW step with two shadows), so only there.
+    # - ``ema + (w - ema) * 1`` is ``w`` exactly when ``w`` is within a factor of 2 of the shadow
+    #   (Sterbenz), as it is a step after the shadow was made (a schedule's or a bias-corrected
+    #   first update), and within a rounding otherwise. A copy at every update (decay 0: a hard
+    #   target; the copy phase under a GradScaler) selects the weights instead, on the device, so
+    #   it is exact and a GradScaler skip (weight 0) keeps the shadow. ``copies`` is fixed by the
+    #   settings: never a new guard. The select costs a little (+0.1 of an fp32 AdamW step with
+    #   two shadows), so only there.
     dtype = g.shadows[0][0].dtype
     ends = g.params if g.params[0].dtype == dtype else [p.to(dtype) for p in g.params]
     for k, (column, w) in enumerate(zip(g.shadows, weights)):
         w = _weight_for(w, column[0])
         step = torch._foreach_mul(torch._foreach_sub(ends, column), w)
-        if k < len(may_copy) and may_copy[k] and isinstance(w, Tensor):
+        if k < len(copies) and copies[k] and isinstance(w, Tensor):
             whole = w == 1  # not ``w > 0``: a complex shadow's weight is complex
             moved = torch._foreach_add(column, step)
             torch._foreach_copy_(column, [torch.where(whole, e, m) for e, m in zip(ends, moved)])
