@@ -1,4 +1,4 @@
-"""Red-team cases for the traced EMA update (``_kernels._traced_lerp_``): a weight of 1 (a copy)
+"""The traced EMA update (``_kernels._traced_lerp_``): a weight of 1 (a copy)
 under torch.compile must neither recompile as a schedule reaches it (SPEC "The compiled step": no
 recompilation when a scheduled decay changes) nor fail for complex shadows."""
 
