@@ -152,9 +152,9 @@ def lerp_(groups: Sequence[Group], weights: Sequence[Weight], copies: Sequence[b
     Each weight is a Python float (eager: the fastest multi-tensor kernels take it as a
     kernel argument, no device read) or a 0-dim tensor on the shadows' device (under
     ``torch.compile``, or when the weight depends on device values such as GradScaler's
-    ``found_inf``); neither form syncs. ``copies[k]``: weight ``k`` is 1 (a copy) at every
-    update, on the device 0 at a GradScaler skip; the traced form keeps both exact, as eager's
-    lerp is at both ends.
+    ``found_inf``); neither form syncs. ``copies[k]``: weight ``k`` can be exactly 1 (a copy;
+    a GradScaler skip makes it 0 on the device); the traced form keeps both ends exact, as
+    eager's lerp is.
     """
     traced = torch.compiler.is_compiling()
     for g in groups:
@@ -181,13 +181,13 @@ def _traced_lerp_(g: Group, weights: Sequence[Weight], copies: Sequence[bool]) -
     # - A 0-dim tensor weight goes in through the Tensor overloads (decomposed, no host read);
     #   the List overload of ``_foreach_lerp_`` with tensor weights has no lowering (an ATen
     #   fallback into new buffers, then copies back).
-    # - ``ema + (w - ema) * 1`` is ``w`` exactly when ``w`` is within a factor of 2 of the shadow
-    #   (Sterbenz), as it is a step after the shadow was made (a schedule's or a bias-corrected
-    #   first update), and within a rounding otherwise. A copy at every update (decay 0: a hard
-    #   target; the copy phase under a GradScaler) selects the weights instead, on the device, so
-    #   it is exact and a GradScaler skip (weight 0) keeps the shadow. ``copies`` is fixed by the
-    #   settings: never a new guard. The select costs a little (+0.1 of an fp32 AdamW step with
-    #   two shadows), so only there.
+    # - ``ema + (w - ema) * 1`` is not always ``w``: ``w - ema`` rounds at the shadow's magnitude
+    #   (1 -> 1e-8 gives 0). Where a weight can be exactly 1 (``copies``: a decay of 0, a
+    #   schedule, bias correction's first update, the copy phase under a GradScaler) the traced
+    #   form selects the weights there, on the device, so a copy is exact and a GradScaler skip
+    #   (weight 0) keeps the shadow. ``copies`` is fixed by the settings: never a new guard (from
+    #   each step's weight it would recompile whenever a schedule reached 0). The select costs a
+    #   little (about +0.1 of an fp32 AdamW step with two shadows), so other shadows skip it.
     dtype = g.shadows[0][0].dtype
     ends = g.params if g.params[0].dtype == dtype else [p.to(dtype) for p in g.params]
     for k, (column, w) in enumerate(zip(g.shadows, weights)):

@@ -66,10 +66,11 @@ def plan(counters: Counters, timing: Timing) -> StepPlan:
     return StepPlan("lerp", weights, Counters(n, t + 1, prods))
 
 
-def hard_copies(timing: Timing) -> tuple[bool, ...]:
-    """Per shadow: whether its decay is the constant 0, so that every update is a copy (a hard
-    target). Fixed by the settings, so code that depends on it is traced once."""
-    return tuple(not callable(d) and float(d) == 0.0 for d in timing.decays)
+def may_copy(timing: Timing) -> tuple[bool, ...]:
+    """Per shadow: whether an update's weight can be exactly 1 (the update is a copy): a decay
+    of 0, a schedule (it may return 0), or bias correction (its first update). Fixed by the
+    settings, so code that depends on it is traced once."""
+    return tuple(timing.bias_correction or callable(d) or float(d) == 0.0 for d in timing.decays)
 
 
 def decay_at(decay: Decay, t: int) -> float:

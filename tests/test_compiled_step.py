@@ -541,6 +541,42 @@ def test_compiled_copies_are_exact(kwargs, key):
         assert torch.equal(opt.state[p][key], p), n
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"decay": 0.9, "bias_correction": True, "update_after_step": 1},
+        {"decay": lambda t: 0.0 if t == 0 else 0.9, "update_after_step": 1},
+    ],
+    ids=["bias-correction", "schedule-at-zero"],
+)
+def test_a_compiled_first_update_of_weight_one_is_exact(kwargs):
+    # SPEC: with bias correction the first update yields ema = w_1; a schedule returning 0
+    # copies. Compiled too, when the weights moved far from the shadow (1 -> 1e-6), where
+    # ema + (w - ema) * 1 rounds.
+    p = nn.Parameter(torch.ones(256))
+    opt = EMAOptimizer(Assign([p]), **kwargs)
+    step = torch.compile(opt.step, backend="aot_eager")
+    for n, target in enumerate(_targets(2), start=1):
+        p.grad = target
+        step()
+        assert torch.equal(opt.state[p]["ema"], p), n  # step 1: the copy phase; 2: the update
+
+
+def test_the_compiled_copy_phase_under_a_gradscaler_is_exact():
+    # Under a GradScaler the copy phase is an update of weight 1 (0 at a skip, on the device).
+    p = nn.Parameter(torch.ones(256))
+    opt = EMAOptimizer(Assign([p]), decay=0.9, update_after_step=100)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=1000)
+    scaler.scale(torch.ones(()))  # sets the scale up
+    step = _scaler_step(scaler, opt, torch.compile(opt.step, backend="aot_eager"))
+    for n, target in enumerate(_targets(6), start=1):
+        p.grad = target * scaler.get_scale()  # a power of 2: exact
+        step()
+        scaler.update()
+        assert torch.equal(p, target)
+        assert torch.equal(opt.state[p]["ema"], p), n
+
+
 def test_a_compiled_gradscaler_skip_keeps_the_shadows_and_a_copy_stays_exact():
     # GradScaler skips a step with inf gradients on the device (found_inf): the shadows keep
     # their values bit for bit, also one whose weight is 1 (a hard target updated every 2nd
