@@ -192,13 +192,14 @@ def _traced_lerp_(g: Group, weights: Sequence[Weight], copies: Sequence[bool]) -
     ends = g.params if g.params[0].dtype == dtype else [p.to(dtype) for p in g.params]
     for k, (column, w) in enumerate(zip(g.shadows, weights)):
         w = _weight_for(w, column[0])
+        if not isinstance(w, Tensor) and w == 1:  # a Python float (the graph is specialized on it)
+            torch._foreach_copy_(column, ends)
+            continue
         step = torch._foreach_mul(torch._foreach_sub(ends, column), w)
-        if k < len(copies) and copies[k] and isinstance(w, Tensor):
+        if isinstance(w, Tensor) and k < len(copies) and copies[k]:
             whole = w == 1  # not ``w > 0``: a complex shadow's weight is complex
             moved = torch._foreach_add(column, step)
             torch._foreach_copy_(column, [torch.where(whole, e, m) for e, m in zip(ends, moved)])
-        elif not isinstance(w, Tensor) and w == 1:  # a Python float (the graph is specialized on it)
-            torch._foreach_copy_(column, ends)
         else:
             torch._foreach_add_(column, step)
 

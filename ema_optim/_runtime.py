@@ -40,7 +40,9 @@ class Runtime:
         self.offload = _offload.Offload()  # the update in flight for offloaded shadows
         self.weights: Sequence[_kernels.Weight] = ()  # this step's lerp weights (begin to end)
         self.weight_tensors: list[Tensor] = []  # the 0-dim tensors they are kept in under compile
-        self.may_copy: tuple[bool, ...] = ()  # per shadow: a weight can be exactly 1 (_plan.may_copy)
+        self.may_copy: tuple[
+            bool, ...
+        ] = ()  # per shadow: a weight can be exactly 1 (set once, _plan.may_copy)
         self.record: list[Any] = []  # each shadow's decay as saved (_state_dict.record)
         self.loading = False  # inside load(): the inner optimizer's load hooks stand aside
         self.held: dict[Tensor, dict[str, Any]] = {}  # shadows an inner load keeps from torch's
@@ -90,7 +92,6 @@ class Runtime:
             layout.make_missing()  # from the weights before this step
         self.plan = step_plan
         self.weights = step_plan.weights
-        self.may_copy = _plan.may_copy(timing)  # fixed by the settings: a stable guard when traced
         if compiling and step_plan.action == "lerp" and layout.groups:
             # A compiled body takes the weights as 0-dim tensors filled here, in place: data,
             # not guards, so a changing decay reuses the graph.

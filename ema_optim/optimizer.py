@@ -254,6 +254,7 @@ class EMAOptimizer(Optimizer):
         inner, spec = self.optimizer, self._spec
         rt = _Runtime(spec.count)
         rt.record = _state_dict.record(self._timing.decays)
+        rt.may_copy = _plan.may_copy(self._timing)
         if counters is not None:
             rt.counters = counters
         # closures over the runtime, not the wrapper: the inner optimizer does not keep it alive
