@@ -78,9 +78,9 @@ def check(
 
 def check_record(saved_groups: Sequence[Any], decays: Sequence[Any]) -> list[str]:
     """The saved decay record against this optimizer's (``decays``). A ``schedules.power`` shadow
-    saved with another gamma is refused: its post-hoc snapshots would be labelled with the wrong
-    profile. Another changed decay is returned as a note for a warning. A dict saved before the
-    record existed has none: nothing to compare."""
+    saved with another gamma, or with another kind of decay, is refused: its post-hoc snapshots
+    would be labelled with the wrong profile. Another changed decay is returned as a note for a
+    warning. A dict saved before the record existed has none: nothing to compare."""
     saved = next(
         (g[RECORD] for g in saved_groups if isinstance(g, Mapping) and g.get(RECORD) is not None), None
     )
@@ -101,7 +101,7 @@ def check_record(saved_groups: Sequence[Any], decays: Sequence[Any]) -> list[str
         if _same_decay(was, now):
             continue
         where = f"shadow {k} ({_shadows.key(k)!r})"
-        if isinstance(was, Mapping) and isinstance(now, Mapping):
+        if isinstance(now, Mapping):  # a power shadow that was not saved as this profile
             order = ", ".join(map(_describe_decay, saved))
             raise ValueError(
                 f"{where} was saved as {_describe_decay(was)}, this optimizer's decay[{k}] is "
@@ -143,7 +143,10 @@ def _is_record_entry(v: Any) -> bool:
 
 def _same_decay(was: Any, now: Any) -> bool:
     if isinstance(was, Mapping) and isinstance(now, Mapping):
-        return math.isclose(float(was["power_gamma"]), float(now["power_gamma"]), rel_tol=1e-12)
+        # abs_tol: a profile given by its sigma_rel has a rounded gamma (12 ** -0.5: ~4e-16, not 0)
+        return math.isclose(
+            float(was["power_gamma"]), float(now["power_gamma"]), rel_tol=1e-12, abs_tol=1e-12
+        )
     if isinstance(was, Mapping) or isinstance(now, Mapping):
         return False
     if was is None or now is None:  # a schedule that cannot be described: nothing to compare
@@ -175,19 +178,8 @@ def _buffer_shadows_of(
     }
     if not found:
         return {}
-    names = {_shadows.split_buffer_key(kk)[1] for kk in found}
+    _check_names({_shadows.split_buffer_key(kk)[1] for kk in found}, list(buffers) if buffers else None)
     ours = set(buffers or ())
-    if names != ours and ours:
-        raise ValueError(
-            f"the state dict has shadows for the buffers {sorted(names - ours)[:5]} that this optimizer "
-            f"does not average, and none for {sorted(ours - names)[:5]}; build the optimizer with the "
-            "same buffers= module"
-        )
-    if names != ours:
-        raise ValueError(
-            f"the state dict has buffer shadows ({sorted(names)[:5]}) but this optimizer was built "
-            "without buffers=; pass buffers=model to load them"
-        )
     if counters is None:
         raise ValueError("the state dict has buffer shadows but no EMA counters")
     wanted = {_shadows.buffer_key(k, name) for name in ours for k in range(n)}
@@ -200,6 +192,40 @@ def _buffer_shadows_of(
     for kk, v in found.items():
         _checked_shadow("buffer", kk, buffers[_shadows.split_buffer_key(kk)[1]], v)
     return found
+
+
+def check_buffer_names(saved_state: Any, ours: Optional[Sequence[str]]) -> None:
+    """The buffers that the dict's shadows belong to (wherever they are kept) are this
+    optimizer's (``ours``; None: built without ``buffers=``)."""
+    if not isinstance(saved_state, Mapping):
+        return
+    names = {
+        _shadows.split_buffer_key(kk)[1]
+        for entry in saved_state.values()
+        if isinstance(entry, Mapping)
+        for kk in entry
+        if isinstance(kk, str) and ":" in kk and _shadows.is_key(kk)
+    }
+    if names:
+        _check_names(names, ours)
+
+
+def _check_names(names: set[str], ours: Optional[Sequence[str]]) -> None:
+    if not ours:
+        raise ValueError(
+            f"the state dict has buffer shadows ({sorted(names)[:5]}) but this optimizer was built "
+            "without buffers=; pass buffers=model to load them"
+        )
+    extra, missing = sorted(names - set(ours)), sorted(set(ours) - names)
+    if extra or missing:
+        what = []
+        if extra:
+            what.append(f"has shadows for the buffers {extra[:5]} that this optimizer does not average")
+        if missing:
+            what.append(f"has no shadows for the buffers {missing[:5]} that it does")
+        raise ValueError(
+            f"the state dict {' and '.join(what)}; build the optimizer with the same buffers= module"
+        )
 
 
 def _check_groups(saved_groups: Sequence, param_groups: list[dict]) -> None:

@@ -192,7 +192,7 @@ class Runtime:
                 UserWarning,
                 stacklevel=3,
             )
-        if plan.counters is not None and buffers and not held:
+        if plan.shadows and buffers and not held:  # saved after a step, without buffers=
             warnings.warn(
                 "loaded a state dict without buffer shadows (saved without buffers=?): the buffers' EMA "
                 "restarts from the current buffers at the next step",
@@ -236,11 +236,15 @@ class Runtime:
                     sd["state"][i] = {k: _inside_swap(k, v, ema) for k, v in entry.items()}
         return sd
 
-    def before_inner_load(self, inner: Optimizer, sd: Any) -> Optional[dict]:
+    def before_inner_load(
+        self, inner: Optimizer, sd: Any, buffers: Optional[_shadows.Buffers]
+    ) -> Optional[dict]:
         """Refuse, with nothing changed, what the wrapper's own load refuses outright (a power
-        shadow saved with another gamma, more shadows than this optimizer keeps); warn of
-        a changed decay (before anything changes, as the wrapper's load does); keep from
-        torch's load the shadows it would break (``_state_dict.hold_back``)."""
+        shadow saved as another decay, more shadows than this optimizer keeps, shadows of
+        buffers it does not average); warn of a changed decay (before anything changes, as
+        the wrapper's load does); keep from torch's load the shadows it would break
+        (``_state_dict.hold_back``) and the groups' ``"ema"`` flags a dict without them would
+        drop."""
         self.held = {}
         if self.loading:
             return None
@@ -255,10 +259,13 @@ class Runtime:
             for note in _load_check.check_record(sd["param_groups"], self.record):
                 warnings.warn(note, UserWarning, stacklevel=4)
         _load_check.check_shadow_keys(sd.get("state"), len(self.record))
+        _load_check.check_buffer_names(sd.get("state"), buffers.names if buffers is not None else None)
         sd, self.held = _state_dict.hold_back(sd, inner.param_groups)
-        return dict(sd)
+        return _state_dict.with_enable_flags(sd, inner.param_groups)
 
-    def inner_loaded(self, inner: Optimizer, spec: _shadows.Spec) -> None:
+    def inner_loaded(
+        self, inner: Optimizer, spec: _shadows.Spec, buffers: Optional[_shadows.Buffers]
+    ) -> None:
         """After ``opt.optimizer.load_state_dict(sd)``: take the counters it carried (exact), or
         note what was lost, for a warning at the next step."""
         if self.loading:
@@ -283,6 +290,16 @@ class Runtime:
                 f"it has EMA shadows but {problem}: the shadows are kept, and the counters go on "
                 f"from this optimizer's ({_state_dict.STEPS}={self.counters.steps}, "
                 f"{_state_dict.UPDATES}={self.counters.updates}), so a schedule's decay may restart",
+            )
+        if (
+            shadowed
+            and buffers is not None
+            and buffers.names
+            and not _state_dict.buffer_shadowed(inner.state)
+        ):
+            lost.append(
+                "it had no buffer shadows (saved without buffers=?): the buffers' EMA restarts from "
+                "the current buffers at this step"
             )
         _state_dict.publish(inner.param_groups, inner.state, spec.count)
         if lost:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
+import torch
 from torch import Tensor
 
 from . import _shadows
@@ -112,7 +113,7 @@ def load_inner(inner: Any, inner_sd: dict) -> None:
     """Load the inner optimizer's part; on any failure put it back as it was."""
     old = (inner.state, inner.param_groups)
     try:
-        inner.load_state_dict(inner_sd)
+        inner.load_state_dict(with_enable_flags(inner_sd, inner.param_groups))
         problem = missing_group_keys(old[1], inner.param_groups)
         if problem:
             raise ValueError(f"{problem}; pass a state dict saved by this kind of optimizer")
@@ -121,9 +122,26 @@ def load_inner(inner: Any, inner_sd: dict) -> None:
         if isinstance(e, ValueError) and str(e).startswith("param group"):
             raise
         raise ValueError(f"the inner optimizer could not load the state dict: {e!r}") from e
-    for group, before in zip(inner.param_groups, old[1]):  # a dict saved without "ema": keep ours
-        if _shadows.ENABLE not in group and _shadows.ENABLE in before:
-            group[_shadows.ENABLE] = before[_shadows.ENABLE]
+
+
+def with_enable_flags(sd: Mapping, live_groups: list[dict]) -> dict:
+    """The dict (a new one: the caller's is left alone) with each live group's ``"ema"`` flag
+    in the saved group that has none: torch's load keeps only the saved keys, so a dict saved
+    without the flag (before the wrapper) would put an ``"ema": False`` group into the EMA."""
+    groups = sd.get("param_groups")
+    if not isinstance(groups, (list, tuple)) or len(groups) != len(live_groups):
+        return dict(sd)
+    keep = [
+        isinstance(saved, Mapping) and _shadows.ENABLE not in saved and _shadows.ENABLE in live
+        for saved, live in zip(groups, live_groups)
+    ]
+    if not any(keep):
+        return dict(sd)
+    new = [
+        {**saved, _shadows.ENABLE: live[_shadows.ENABLE]} if k else saved
+        for saved, live, k in zip(groups, live_groups, keep)
+    ]
+    return {**sd, "param_groups": new}
 
 
 def shadowed(state: Mapping) -> list[Any]:
@@ -131,6 +149,14 @@ def shadowed(state: Mapping) -> list[Any]:
     return [
         p for p, entry in state.items() if isinstance(entry, Mapping) and any(map(_shadows.is_key, entry))
     ]
+
+
+def buffer_shadowed(state: Mapping) -> bool:
+    """Whether some entry holds a buffer's shadow."""
+    return any(
+        isinstance(entry, Mapping) and any(_shadows.is_key(k) and ":" in k for k in entry)
+        for entry in state.values()
+    )
 
 
 def hold_back(sd: Mapping, param_groups: list[dict]) -> tuple[Mapping, dict[Any, dict[str, Any]]]:
@@ -183,8 +209,9 @@ def adopt_inner_load(inner: Any, spec: _shadows.Spec, held: Optional[Mapping] = 
         entry = inner.state[p]
         for k, v in list(entry.items()):
             if _shadows.is_param_key(k) and isinstance(v, Tensor) and v.shape == p.shape:
-                if v.dtype != spec.dtype_for(p) or v.device != (spec.device or p.device):
-                    if v.dtype.itemsize < spec.dtype_for(p).itemsize:
+                want = spec.dtype_for(p)
+                if v.dtype != want or v.device != (spec.device or p.device):
+                    if torch.promote_types(v.dtype, want) != v.dtype:  # its dtype cannot hold ours
                         rounded.append(k)
                     entry[k] = spec.make(p, v)
         if all(_shadows.is_key(k) for k in entry):

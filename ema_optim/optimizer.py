@@ -19,6 +19,7 @@ __all__ = ["EMAOptimizer"]
 # What torch.amp.GradScaler sets on the optimizer it steps when _step_supports_amp_scaling is
 # true (and deletes after the step); forwarded to the inner optimizer.
 _GRAD_SCALE, _FOUND_INF = "grad_scale", "found_inf"
+_HOOKS = "_ema_optim_hooks"  # on the inner optimizer: the handles of the hooks of the wrapper around it
 
 
 class EMAOptimizer(Optimizer):
@@ -257,11 +258,23 @@ class EMAOptimizer(Optimizer):
         rt.may_copy = _plan.may_copy(self._timing)
         if counters is not None:
             rt.counters = counters
-        # closures over the runtime, not the wrapper: the inner optimizer does not keep it alive
-        inner.register_state_dict_pre_hook(rt.before_inner_save)
-        inner.register_state_dict_post_hook(rt.inner_saved, prepend=True)
-        inner.register_load_state_dict_pre_hook(rt.before_inner_load)
-        inner.register_load_state_dict_post_hook(partial(rt.inner_loaded, spec=spec), prepend=True)
+        # Closures over the runtime, not the wrapper: the inner optimizer does not keep it alive.
+        # It holds one set of them, this wrapper's: one that wrapped it before (a notebook cell
+        # run twice, `EMAOptimizer(opt.optimizer, ...)`) would save its own counters.
+        for handle in getattr(inner, _HOOKS, ()):
+            handle.remove()
+        setattr(
+            inner,
+            _HOOKS,
+            (
+                inner.register_state_dict_pre_hook(rt.before_inner_save),
+                inner.register_state_dict_post_hook(rt.inner_saved, prepend=True),
+                inner.register_load_state_dict_pre_hook(partial(rt.before_inner_load, buffers=self._buffers)),
+                inner.register_load_state_dict_post_hook(
+                    partial(rt.inner_loaded, spec=spec, buffers=self._buffers), prepend=True
+                ),
+            ),
+        )
         _state_dict.publish(inner.param_groups, inner.state, spec.count)
         return rt
 

@@ -11,6 +11,7 @@ import copy
 import io
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -653,3 +654,31 @@ def test_norm_layers_recipe_averages_only_batchnorm_under_the_model_names():
     )
     opt2.load_state_dict(roundtrip(opt.state_dict()))
     assert all(bitwise(buffer_shadows(opt2)[n], buffer_shadows(opt)[n]) for n in BN)
+
+
+def test_a_dict_saved_with_buffers_before_the_first_step_loads_silently():
+    # nothing was averaged yet, so nothing is lost: no "without buffer shadows" warning
+    model, opt = make()
+    sd = roundtrip(opt.state_dict())
+    other, other_opt = make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        other_opt.load_state_dict(sd)
+    train(other, other_opt, range(2))
+
+
+@pytest.mark.parametrize("side", ["saved-has-fewer", "saved-has-more"])
+def test_a_buffer_name_mismatch_names_only_the_buffers_that_differ(side):
+    model, opt = make()
+    train(model, opt, range(2))
+    sd = roundtrip(opt.state_dict())
+    anchor = next(i for i, s in sd["state"].items() if "ema:bn.running_var" in s)
+    if side == "saved-has-fewer":
+        del sd["state"][anchor]["ema:bn.running_var"]
+        expected = r"has no shadows for the buffers \['bn.running_var'\]"
+    else:
+        sd["state"][anchor]["ema:extra.running_var"] = sd["state"][anchor]["ema:bn.running_var"].clone()
+        expected = r"has shadows for the buffers \['extra.running_var'\] that this optimizer does not average"
+    with pytest.raises(ValueError, match=expected) as info:
+        opt.load_state_dict(sd)
+    assert "[]" not in str(info.value)

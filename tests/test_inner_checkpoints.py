@@ -8,6 +8,7 @@ is refused with nothing changed.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -305,3 +306,161 @@ def test_a_dict_with_more_shadows_than_the_optimizer_is_refused_by_the_inner_loa
         assert s.keys() == after["state"][i].keys()
         assert all(torch.equal(v, after["state"][i][k]) for k, v in s.items() if torch.is_tensor(v))
     opt_b.load_state_dict(opt_b.state_dict())
+
+
+# ---------------------------------------------------------------- this session's red-team findings
+
+
+def test_a_rewrapped_inner_optimizer_saves_the_new_wrappers_counters():
+    # `opt = EMAOptimizer(opt.optimizer, decay=...)` (or a notebook cell run twice): the inner
+    # optimizer keeps the hooks of the wrapper that wraps it now, not of the dropped one, whose
+    # counters (still zero) used to overwrite the live ones in every state dict.
+    def build(rewrap):
+        model, opt = _build(decay=schedules.polyak())
+        if rewrap:
+            opt = EMAOptimizer(opt.optimizer, decay=schedules.polyak())
+        return model, opt
+
+    model, opt = build(rewrap=True)
+    _train(model, opt, 5, seed=1)
+    for sd in (opt.state_dict(), opt.optimizer.state_dict()):
+        assert sd["param_groups"][0]["ema_updates"] == 5
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    _train(model, opt, 5, seed=2)
+
+    model_b, opt_b = build(rewrap=False)
+    model_b.load_state_dict(saved[0])
+    opt_b.load_state_dict(saved[1])
+    _train(model_b, opt_b, 5, seed=2)
+    for p, q in zip(model.parameters(), model_b.parameters()):
+        assert torch.equal(opt.state[p]["ema"], opt_b.state[q]["ema"])
+
+
+@pytest.mark.parametrize(
+    "dtype,ema_dtype", [(torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16)]
+)
+def test_shadows_rounded_to_a_param_dtype_of_the_same_size_are_reported(dtype, ema_dtype):
+    # torch's load casts every state tensor to its param's dtype: bf16 <-> fp16 loses bits
+    # (fp16's range, bf16's precision) although both take 2 bytes
+    model, opt = _build(decay=0.9, dtype=dtype)
+    opt = EMAOptimizer(opt.optimizer, decay=0.9, ema_dtype=ema_dtype)
+    _train(model, opt, 3, seed=1)
+    model_b, opt_b = _build(decay=0.9, dtype=dtype)
+    opt_b = EMAOptimizer(opt_b.optimizer, decay=0.9, ema_dtype=ema_dtype)
+    opt_b.optimizer.load_state_dict(opt.optimizer.state_dict())
+    for p in model_b.parameters():
+        assert opt_b.state[p]["ema"].dtype == ema_dtype
+    with pytest.warns(UserWarning, match="rounded 4 shadows"):
+        _train(model_b, opt_b, 1, seed=2)
+
+
+def test_an_exact_upcast_of_the_shadows_is_not_reported():
+    # bf16 shadows of fp32 params come back from fp32 exactly: nothing to report
+    model, opt = _build(decay=0.9)
+    opt = EMAOptimizer(opt.optimizer, decay=0.9, ema_dtype=torch.bfloat16)
+    _train(model, opt, 3, seed=1)
+    model_b, opt_b = _build(decay=0.9)
+    opt_b = EMAOptimizer(opt_b.optimizer, decay=0.9, ema_dtype=torch.bfloat16)
+    opt_b.optimizer.load_state_dict(opt.optimizer.state_dict())
+    for p, q in zip(model.parameters(), model_b.parameters()):
+        assert torch.equal(opt.state[p]["ema"], opt_b.state[q]["ema"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train(model_b, opt_b, 1, seed=2)
+
+
+def _split_model():
+    torch.manual_seed(0)
+    body, head = nn.Linear(3, 3), nn.Linear(3, 1)
+    return body, head
+
+
+def test_a_plain_inner_dict_loaded_through_the_inner_optimizer_keeps_ema_false_groups_out():
+    body, head = _split_model()
+    plain = torch.optim.SGD([{"params": body.parameters()}, {"params": head.parameters()}], lr=0.1)
+    head(body(torch.randn(4, 3))).sum().backward()
+    plain.step()
+    sd = plain.state_dict()
+    groups = [{"params": body.parameters()}, {"params": head.parameters(), "ema": False}]
+    opt = EMAOptimizer(torch.optim.SGD(groups, lr=0.1), decay=0.9)
+    opt.optimizer.load_state_dict(sd)
+    assert opt.param_groups[1]["ema"] is False
+    assert "ema" not in sd["param_groups"][1]  # the caller's dict is left as it was
+    head(body(torch.randn(4, 3))).sum().backward()
+    with pytest.warns(UserWarning, match="no EMA shadows"):
+        opt.step()
+    assert all("ema" not in opt.state[p] for p in head.parameters())
+    assert all("ema" in opt.state[p] for p in body.parameters())
+
+
+def _bn_run(buffers):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    opt = EMAOptimizer(
+        torch.optim.Adam(model.parameters(), lr=0.1), decay=0.9, buffers=model if buffers else None
+    )
+    return model, opt
+
+
+def _bn_train(model, opt, steps):
+    g = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        model(torch.randn(5, 3, generator=g)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_buffer_shadows_missing_from_an_inner_dict_are_reported():
+    model, opt = _bn_run(buffers=False)
+    _bn_train(model, opt, 3)
+    model_b, opt_b = _bn_run(buffers=True)
+    opt_b.optimizer.load_state_dict(opt.optimizer.state_dict())
+    with pytest.warns(UserWarning, match="no buffer shadows.*buffers' EMA restarts"):
+        _bn_train(model_b, opt_b, 1)
+
+
+def test_buffer_shadows_in_an_inner_dict_for_an_optimizer_without_buffers_are_refused():
+    model, opt = _bn_run(buffers=True)
+    _bn_train(model, opt, 3)
+    sd = opt.optimizer.state_dict()
+    model_b, opt_b = _bn_run(buffers=False)
+    _bn_train(model_b, opt_b, 2)
+    before = opt_b.state_dict()
+    with pytest.raises(ValueError, match=r"buffer shadows .*built without buffers=; pass buffers=model"):
+        opt_b.optimizer.load_state_dict(sd)
+    after = opt_b.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for i, s in before["state"].items():
+        assert s.keys() == after["state"][i].keys()
+        assert all(torch.equal(v, after["state"][i][k]) for k, v in s.items() if torch.is_tensor(v))
+    opt_b.load_state_dict(opt_b.state_dict())  # its own dicts still load
+
+
+@pytest.mark.parametrize("saved", [0.5, schedules.warmup()], ids=["constant", "schedule"])
+def test_a_power_shadow_loaded_from_another_kind_of_decay_is_refused(saved):
+    # the decay tuple reordered: a power shadow would take over a shadow averaged with another
+    # decay, and its post-hoc snapshots would be labelled with the power profile
+    power = schedules.power(sigma_rel=0.05)
+    model, opt = _build(decay=(power, saved))
+    _train(model, opt, 4, seed=1)
+    sd = opt.state_dict()
+    model_b, opt_b = _build(decay=(saved, power))
+    _train(model_b, opt_b, 2, seed=2)
+    before = opt_b.state_dict()
+    for load in (opt_b.load_state_dict, opt_b.optimizer.load_state_dict):
+        with pytest.raises(ValueError, match=r"shadow 1 \('ema_1'\) was saved as .*schedules.power\(gamma="):
+            load(sd)
+        after = opt_b.state_dict()
+        assert after["param_groups"] == before["param_groups"]
+
+
+def test_a_power_profile_given_by_sigma_rel_matches_its_gamma():
+    # sigma_rel = 12 ** -0.5 is gamma = 0 (polyak) up to rounding: a dict saved with the one
+    # loads into an optimizer built with the other
+    model, opt = _build(decay=(schedules.power(gamma=0.0), POWER[1]))
+    _train(model, opt, 3, seed=1)
+    model_b, opt_b = _build(decay=(schedules.power(sigma_rel=12**-0.5), POWER[1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt_b.load_state_dict(opt.state_dict())
+    assert opt_b.state_dict()["param_groups"][0]["ema_updates"] == 3
