@@ -395,12 +395,13 @@ class EMAOptimizer(Optimizer):
 
     def _swap_out(self) -> None:
         rt = self._rt
-        records, rt.swapped = rt.swapped or [], None
+        # this swap's undo record, taken whole and cleared: the next swap starts from nothing
+        records, buffers, rt.swapped, rt.swapped_buffers = rt.swapped or [], rt.swapped_buffers, None, []
         try:
             _swap.swap_out(records)
         finally:
             if self._buffers is not None:  # the block may have replaced them (model.double())
-                self._buffers.put_back(rt.swapped_buffers)
+                self._buffers.put_back(buffers)
 
     # ------------------------------------------------------------------ state dict
 

@@ -559,6 +559,25 @@ def test_a_block_that_converts_the_model_gets_its_buffers_back():
     assert all(bitwise(p, q) for p, q in zip(model.parameters(), params))
 
 
+def test_a_failed_swap_leaves_the_buffers_of_an_earlier_swap_out_of_the_model():
+    """SPEC (Swapping): a swap that fails before it swaps anything changes nothing; its undo
+    knows only what this swap did, never the buffers an earlier swap saw."""
+    model, opt = make(inner="sgd")
+    train(model, opt, range(1))
+    with opt.swap_ema_weights():
+        pass
+    model.double()  # new float64 buffer tensors, which the earlier swap never saw
+    train(model, opt, range(1, 3))
+    before = dict(model.named_buffers())
+    values = {n: b.clone() for n, b in before.items()}
+    model.fc1.weight.data = torch.randn(6, 5, dtype=torch.float64)  # no longer fits its shadows
+    with pytest.raises(ValueError, match="param 0 of param group 0"):
+        with opt.swap_ema_weights():
+            pass  # pragma: no cover
+    for n, b in model.named_buffers():
+        assert b is before[n] and bitwise(b, values[n]), n
+
+
 # ------------------------------------------------------------------------------------ example
 
 
