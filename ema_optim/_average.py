@@ -144,8 +144,7 @@ def _check(opt: Any, model: Any, index: Any, dtype: Any) -> int:
             "model must be a torch.nn.Module (the model whose parameters opt trains), "
             f"got {type(model).__name__}"
         )
-    if isinstance(index, bool) or not isinstance(index, int):
-        raise TypeError(f"index must be an int, got {type(index).__name__}")
+    index = _shadows.as_index(index)
     n = opt._spec.count
     if not -n <= index < n:
         raise IndexError(

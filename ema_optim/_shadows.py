@@ -9,6 +9,7 @@ step does no per-parameter Python work.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -28,6 +29,18 @@ def key(k: int) -> str:
 
 def keys(n: int) -> tuple[str, ...]:
     return tuple(key(k) for k in range(n))
+
+
+def as_index(index: Any) -> int:
+    """A shadow index as an int: anything ``operator.index()`` takes (as a sequence does: numpy
+    ints, integer 0-dim tensors), except a bool (``True`` is no index into a decay tuple)."""
+    if not isinstance(index, bool) and not (isinstance(index, Tensor) and index.dtype == torch.bool):
+        try:
+            return operator.index(index)
+        except TypeError:
+            pass
+    got = f"a {index.dtype} tensor" if isinstance(index, Tensor) else type(index).__name__
+    raise TypeError(f"index must be an int (or an integer that operator.index() takes), got {got}")
 
 
 def buffer_key(k: int, name: str) -> str:

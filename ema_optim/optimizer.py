@@ -370,8 +370,7 @@ class EMAOptimizer(Optimizer):
             >>> all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
             True
         """
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
+        index = _shadows.as_index(index)
         if not -self._spec.count <= index < self._spec.count:
             raise IndexError(
                 f"swap_ema_weights({index}): this optimizer keeps {self._spec.count} shadow(s) "

@@ -13,6 +13,7 @@ import io
 import threading
 import weakref
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -423,6 +424,8 @@ BAD = [
     (("opt", "model", -3), {}, IndexError, r"index must be in \[-2, 1\]"),
     (("opt", "model", True), {}, TypeError, "index must be an int"),
     (("opt", "model", 0.0), {}, TypeError, "index must be an int"),
+    (("opt", "model", torch.tensor(1.0)), {}, TypeError, "index must be an int"),
+    (("opt", "model", torch.tensor(True)), {}, TypeError, "index must be an int"),
     (("opt", "model"), {"dtype": torch.int32}, TypeError, "floating torch.dtype"),
     (("opt", "model"), {"dtype": "bfloat16"}, TypeError, "floating torch.dtype"),
     (("opt", "other"), {}, ValueError, "none of the parameters"),
@@ -448,6 +451,14 @@ def test_bad_input_raises_and_changes_nothing(args, kwargs, error, match):
                 else v == after_opt["state"][i][k]
             )
     assert_same_values(model.state_dict(), before_model)
+
+
+@pytest.mark.parametrize("index", [np.int64(1), np.int32(-1), torch.tensor(1)], ids=repr)
+def test_any_integer_that_operator_index_takes_names_a_shadow(index):
+    model = cnn()
+    opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), decay=(0.9, 0.5))
+    train(model, opt, 2)
+    assert ema_state_dict(opt, model, index)["0.weight"] is opt.state[model[0].weight]["ema_1"]
 
 
 def test_a_submodule_of_the_model_is_fine():
