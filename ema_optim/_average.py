@@ -3,7 +3,9 @@
 The answer is ``model.state_dict()`` with each averaged entry replaced by its shadow. Which
 entry is which (names, order, tied names, shadow or live tensor) is worked out once per
 (optimizer layout, model) and cached, so that a call in steady state does no Python work per
-parameter: it copies one cached dict (a C-level copy, a few ns per entry) and re-reads the
+parameter: it copies one cached dict (a C-level copy, a few ns per entry), reads the shape
+of each averaged tensor in one C-level pass (about 0.1 us each: a ``p.data = ...`` with a new
+shape raises the swap's ValueError instead of giving the old-shape shadow), and re-reads the
 live entries (params and buffers without a shadow) from their modules.
 
 When the cached view is rebuilt (each is O(model), once):
@@ -260,7 +262,8 @@ def ema_state_dict(
       ``model.load_state_dict(ema_state_dict(opt, model))``; shadows and inner state stay.
 
     Cost: in steady state a few microseconds of Python, flat in the number of parameters,
-    plus a dict copy (a few ns per entry) and a check of each live entry. The names are
+    plus a dict copy (a few ns per entry), a shape check of each averaged tensor (about
+    0.1 us each, in C) and a check of each live entry. The names are
     worked out once per optimizer layout and model, and again after the model's structure
     changes (a submodule, parameter or buffer assigned on one of its modules); see
     docs/teachers.md.
@@ -283,7 +286,8 @@ def ema_state_dict(
         TypeError: ``opt`` is not an EMAOptimizer, ``model`` not an ``nn.Module``, ``index``
             not an int, ``dtype`` not a floating dtype.
         IndexError: ``index`` names no shadow.
-        ValueError: none of ``model``'s parameters is in the optimizer.
+        ValueError: none of ``model``'s parameters is in the optimizer, or an averaged
+            tensor no longer has its shadows' shape (``p.data = ...``; the message says what to do).
 
     Example:
         >>> import torch
@@ -304,6 +308,7 @@ def ema_state_dict(
     rt = opt._rt
     rt.offload.wait()
     layout = opt._layout()
+    layout.check_shapes()  # p.data = ... with a new shape: the clear ValueError, not the old shadow
     view = _view(opt, model, layout)
     out = view.templates[index].copy()
     if not _read_live(out, view.live):  # a live tensor was replaced: read the names again

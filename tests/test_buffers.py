@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from ema_optim import EMAOptimizer, _kernels, posthoc, schedules
+from ema_optim import EMAOptimizer, _kernels, ema_state_dict, posthoc, schedules
 
 from .reference import reference_shadows
 
@@ -328,6 +328,19 @@ def test_a_buffer_replaced_with_another_shape_is_refused():
     params, shadows = [p.clone() for p in model.parameters()], buffer_shadows(opt)
     with pytest.raises(ValueError, match=r"buffer 'bn.running_mean' now has shape \(7,\)"):
         opt.step()
+    assert all(bitwise(a, b) for a, b in zip(params, model.parameters()))
+    assert all(bitwise(shadows[b], buffer_shadows(opt)[b]) for b in AVERAGED)
+
+
+def test_a_buffer_resized_in_place_is_refused_by_the_swap_and_ema_state_dict():
+    model, opt = make()
+    train(model, opt, range(2))
+    ema_state_dict(opt, model)
+    model.bn.running_var.data = torch.ones(7)  # the same tensor object, another shape
+    params, shadows = [p.clone() for p in model.parameters()], buffer_shadows(opt)
+    for call in (lambda: swapped_buffers(opt, model), lambda: ema_state_dict(opt, model)):
+        with pytest.raises(ValueError, match=r"buffer 'bn.running_var' now has shape \(7,\)"):
+            call()
     assert all(bitwise(a, b) for a, b in zip(params, model.parameters()))
     assert all(bitwise(shadows[b], buffer_shadows(opt)[b]) for b in AVERAGED)
 

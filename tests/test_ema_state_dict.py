@@ -453,6 +453,21 @@ def test_bad_input_raises_and_changes_nothing(args, kwargs, error, match):
     assert_same_values(model.state_dict(), before_model)
 
 
+@pytest.mark.parametrize("j", [0, 1, 3, 4])
+def test_a_param_given_a_new_shape_is_refused_clearly(j):
+    """p.data = ... with a new shape on any param, also after the names were cached: the
+    ValueError the swap gives, not the old-shape shadow under the param's name."""
+    model = cnn()
+    opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.5)
+    train(model, opt, 1)
+    ema_state_dict(opt, model)
+    p = list(model.parameters())[j]
+    p.data = torch.randn(7, *p.shape[1:])
+    for _ in range(2):
+        with pytest.raises(ValueError, match=rf"param {j} of param group 0 \(shape \(7.*Load a state dict"):
+            ema_state_dict(opt, model)
+
+
 @pytest.mark.parametrize("index", [np.int64(1), np.int32(-1), torch.tensor(1)], ids=repr)
 def test_any_integer_that_operator_index_takes_names_a_shadow(index):
     model = cnn()

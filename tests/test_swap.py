@@ -107,6 +107,29 @@ def test_state_dict_inside_equals_outside(dtype):
         assert_same(snapshot(model, opt)[0], params_inside)
 
 
+@pytest.mark.parametrize("j", [0, 1, 2, 3])
+def test_a_param_given_a_new_shape_is_refused_clearly_and_changes_nothing(j):
+    """Head surgery (p.data = ... with a new shape) on any param of a group, not only the first:
+    the ValueError that says what changed and what to do, and nothing changed; so does the next step."""
+    model, opt = trained(torch.float32)
+    with opt.swap_ema_weights():  # the layout is cached before the change
+        pass
+    p = list(model.parameters())[j]
+    p.data = torch.randn(5, *p.shape[1:])
+    before = snapshot(model, opt)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=rf"param {j} of param group 0 \(shape \(5.*Load a state dict"):
+            with opt.swap_ema_weights():
+                pass  # pragma: no cover
+        assert_same(snapshot(model, opt)[0], before[0])
+        assert_same(snapshot(model, opt)[1], before[1])
+    for q in model.parameters():
+        q.grad = torch.ones_like(q)
+    with pytest.raises(ValueError, match=rf"param {j} of param group 0"):
+        opt.step()  # refused before the inner step: nothing moved
+    assert_same(snapshot(model, opt)[0], before[0])
+
+
 def test_swap_before_first_step_is_a_noop():
     model = torch.nn.Linear(3, 2)
     opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
