@@ -6,7 +6,9 @@ entry is which (names, order, tied names, shadow or live tensor) is worked out o
 parameter: it copies one cached dict (a C-level copy, a few ns per entry), reads the shape
 of each averaged tensor in one C-level pass (about 0.1 us each: a ``p.data = ...`` with a new
 shape raises the swap's ValueError instead of giving the old-shape shadow), and re-reads the
-live entries (params and buffers without a shadow) from their modules.
+live entries (params and buffers without a shadow) from their modules. Entries that a
+``state_dict`` hook adds or rewrites come from ``model.state_dict()`` itself at each call (its
+hooks run again, O(model)); a model without such entries does not pay for that.
 
 When the cached view is rebuilt (each is O(model), once):
 
@@ -95,7 +97,7 @@ _Live = tuple[str, Optional[dict], Any, Optional[Tensor]]
 class _View:
     """``model.state_dict()``'s entries as one layout of one optimizer sees them."""
 
-    __slots__ = ("model", "generation", "groups", "templates", "averaged", "live")
+    __slots__ = ("model", "generation", "groups", "templates", "averaged", "live", "hooked")
 
     def __init__(self, model: nn.Module, layout: _shadows.Layout, count: int) -> None:
         self.model = weakref.ref(model)
@@ -120,6 +122,8 @@ class _View:
                     self.templates[k][name] = value
             if not found:
                 self.live.append(_live_source(name, value, owners))
+        # entries a state_dict hook made (no module slot holds them): read again at each call
+        self.hooked = [name for name, tensors, local, _ in self.live if tensors is None and local is None]
 
     def fresh(self, model: nn.Module, layout: _shadows.Layout) -> bool:
         return self.model() is model and self.generation == _generation and self.groups is layout.groups
@@ -135,7 +139,7 @@ def _live_source(name: str, value: Any, owners: dict[str, nn.Module]) -> _Live:
             return name, owner._buffers, local, value
         if local == _EXTRA and not isinstance(value, Tensor):
             return name, None, owner, None
-    return name, None, None, value  # made by a state_dict hook: taken as it was then
+    return name, None, None, value  # made by a state_dict hook: see _View.hooked
 
 
 def _check(opt: Any, model: Any, index: Any, dtype: Any) -> int:
@@ -239,6 +243,25 @@ def _read_live(out: dict[str, Any], live: list[_Live]) -> bool:
     return True
 
 
+def _read_hooked(out: dict[str, Any], hooked: list[str], model: nn.Module) -> bool:
+    """Put what the model's state_dict hooks make now into ``out`` (they run again: O(model),
+    only for a model whose hooks add or rewrite entries); False if they gave other names."""
+    current = model.state_dict(keep_vars=True)
+    for name in hooked:
+        if name in current:
+            value = current[name]
+            out[name] = value.detach() if isinstance(value, Tensor) else value
+    return list(current) == list(out)
+
+
+def _entries(view: _View, index: int, model: nn.Module) -> tuple[dict[str, Any], bool]:
+    """The state dict from the cached view, and whether the view still fits the model."""
+    out = view.templates[index].copy()
+    if not _read_live(out, view.live):  # a live tensor was replaced: read the names again
+        return out, False
+    return out, not view.hooked or _read_hooked(out, view.hooked, model)
+
+
 def ema_state_dict(
     opt: EMAOptimizer, model: nn.Module, index: int = 0, *, dtype: Optional[torch.dtype] = None
 ) -> dict[str, Union[Tensor, Any]]:
@@ -310,12 +333,11 @@ def ema_state_dict(
     layout = opt._layout()
     layout.check_shapes()  # p.data = ... with a new shape: the clear ValueError, not the old shadow
     view = _view(opt, model, layout)
-    out = view.templates[index].copy()
-    if not _read_live(out, view.live):  # a live tensor was replaced: read the names again
+    out, fits = _entries(view, index, model)
+    if not fits:  # read the names again, once
         _views[layout].pop(id(model), None)
         view = _view(opt, model, layout)
-        out = view.templates[index].copy()
-        _read_live(out, view.live)
+        out, _ = _entries(view, index, model)
     if rt.swapped is not None and rt.swapped_index == index:
         _inside_swap(out, view.averaged[index], rt.swapped)
     if dtype is not None:

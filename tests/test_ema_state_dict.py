@@ -566,6 +566,29 @@ def test_a_call_during_functional_call_sees_its_tensors_and_the_next_one_the_sha
     assert ema_state_dict(opt, model)["0.weight"] is opt.state[model[0].weight]["ema"]
 
 
+def test_entries_a_state_dict_hook_makes_are_live_at_every_call():
+    """SPEC: every entry without a shadow is what ``model.state_dict()`` gives, also one a
+    state_dict post hook adds (an export-time scale) or rewrites: read again at each call."""
+    model = cnn()
+
+    def hook(module, sd, prefix, local_metadata):
+        sd[prefix + "scale"] = module[0].weight.detach().abs().amax()  # a new tensor each time
+        sd[prefix + "4.bias"] = module[4].bias.detach() * 2  # an entry rewritten
+        sd[prefix + "step"] = int(module[1].num_batches_tracked)  # not a tensor
+
+    model.register_state_dict_post_hook(hook)
+    opt = EMAOptimizer(torch.optim.SGD(list(model[:2].parameters()), lr=0.1), decay=0.5)
+    for seed in range(3):
+        train(model, opt, 1, seed=seed)
+        got, expected = ema_state_dict(opt, model), model.state_dict()
+        assert list(got) == list(expected)
+        for name in ("scale", "4.bias", "step"):
+            assert torch.equal(torch.as_tensor(got[name]), torch.as_tensor(expected[name])), (seed, name)
+        assert got["0.weight"] is opt.state[model[0].weight]["ema"]
+    with opt.swap_ema_weights():  # inside the swap the hook sees the average, as model.state_dict() does
+        assert torch.equal(ema_state_dict(opt, model)["scale"], model.state_dict()["scale"])
+
+
 def test_cache_follows_a_model_converted_as_a_whole():
     model = cnn()
     opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.5, buffers=model)
