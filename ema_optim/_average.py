@@ -3,8 +3,12 @@
 The answer is ``model.state_dict()`` with each averaged entry replaced by its shadow. Which
 entry is which (names, order, tied names, shadow or live tensor) is worked out once per
 (optimizer layout, model) and cached, so that a call in steady state does no Python work per
-parameter: it copies one cached dict (a C-level copy, a few ns per entry) and re-reads the
-live entries (params and buffers without a shadow) from their modules.
+parameter: it copies one cached dict (a C-level copy, a few ns per entry), reads the shape
+of each averaged tensor in one C-level pass (about 0.1 us each: a ``p.data = ...`` with a new
+shape raises the swap's ValueError instead of giving the old-shape shadow), and re-reads the
+live entries (params and buffers without a shadow) from their modules. Entries that a
+``state_dict`` hook adds or rewrites come from ``model.state_dict()`` itself at each call (its
+hooks run again, O(model)); a model without such entries does not pay for that.
 
 When the cached view is rebuilt (each is O(model), once):
 
@@ -93,7 +97,7 @@ _Live = tuple[str, Optional[dict], Any, Optional[Tensor]]
 class _View:
     """``model.state_dict()``'s entries as one layout of one optimizer sees them."""
 
-    __slots__ = ("model", "generation", "groups", "templates", "averaged", "live")
+    __slots__ = ("model", "generation", "groups", "templates", "averaged", "live", "hooked")
 
     def __init__(self, model: nn.Module, layout: _shadows.Layout, count: int) -> None:
         self.model = weakref.ref(model)
@@ -118,6 +122,8 @@ class _View:
                     self.templates[k][name] = value
             if not found:
                 self.live.append(_live_source(name, value, owners))
+        # entries a state_dict hook made (no module slot holds them): read again at each call
+        self.hooked = [name for name, tensors, local, _ in self.live if tensors is None and local is None]
 
     def fresh(self, model: nn.Module, layout: _shadows.Layout) -> bool:
         return self.model() is model and self.generation == _generation and self.groups is layout.groups
@@ -133,7 +139,7 @@ def _live_source(name: str, value: Any, owners: dict[str, nn.Module]) -> _Live:
             return name, owner._buffers, local, value
         if local == _EXTRA and not isinstance(value, Tensor):
             return name, None, owner, None
-    return name, None, None, value  # made by a state_dict hook: taken as it was then
+    return name, None, None, value  # made by a state_dict hook: see _View.hooked
 
 
 def _check(opt: Any, model: Any, index: Any, dtype: Any) -> int:
@@ -144,8 +150,7 @@ def _check(opt: Any, model: Any, index: Any, dtype: Any) -> int:
             "model must be a torch.nn.Module (the model whose parameters opt trains), "
             f"got {type(model).__name__}"
         )
-    if isinstance(index, bool) or not isinstance(index, int):
-        raise TypeError(f"index must be an int, got {type(index).__name__}")
+    index = _shadows.as_index(index)
     n = opt._spec.count
     if not -n <= index < n:
         raise IndexError(
@@ -238,6 +243,25 @@ def _read_live(out: dict[str, Any], live: list[_Live]) -> bool:
     return True
 
 
+def _read_hooked(out: dict[str, Any], hooked: list[str], model: nn.Module) -> bool:
+    """Put what the model's state_dict hooks make now into ``out`` (they run again: O(model),
+    only for a model whose hooks add or rewrite entries); False if they gave other names."""
+    current = model.state_dict(keep_vars=True)
+    for name in hooked:
+        if name in current:
+            value = current[name]
+            out[name] = value.detach() if isinstance(value, Tensor) else value
+    return list(current) == list(out)
+
+
+def _entries(view: _View, index: int, model: nn.Module) -> tuple[dict[str, Any], bool]:
+    """The state dict from the cached view, and whether the view still fits the model."""
+    out = view.templates[index].copy()
+    if not _read_live(out, view.live):  # a live tensor was replaced: read the names again
+        return out, False
+    return out, not view.hooked or _read_hooked(out, view.hooked, model)
+
+
 def ema_state_dict(
     opt: EMAOptimizer, model: nn.Module, index: int = 0, *, dtype: Optional[torch.dtype] = None
 ) -> dict[str, Union[Tensor, Any]]:
@@ -261,7 +285,8 @@ def ema_state_dict(
       ``model.load_state_dict(ema_state_dict(opt, model))``; shadows and inner state stay.
 
     Cost: in steady state a few microseconds of Python, flat in the number of parameters,
-    plus a dict copy (a few ns per entry) and a check of each live entry. The names are
+    plus a dict copy (a few ns per entry), a shape check of each averaged tensor (about
+    0.1 us each, in C) and a check of each live entry. The names are
     worked out once per optimizer layout and model, and again after the model's structure
     changes (a submodule, parameter or buffer assigned on one of its modules); see
     docs/teachers.md.
@@ -284,7 +309,8 @@ def ema_state_dict(
         TypeError: ``opt`` is not an EMAOptimizer, ``model`` not an ``nn.Module``, ``index``
             not an int, ``dtype`` not a floating dtype.
         IndexError: ``index`` names no shadow.
-        ValueError: none of ``model``'s parameters is in the optimizer.
+        ValueError: none of ``model``'s parameters is in the optimizer, or an averaged
+            tensor no longer has its shadows' shape (``p.data = ...``; the message says what to do).
 
     Example:
         >>> import torch
@@ -305,13 +331,13 @@ def ema_state_dict(
     rt = opt._rt
     rt.offload.wait()
     layout = opt._layout()
+    layout.check_shapes()  # p.data = ... with a new shape: the clear ValueError, not the old shadow
     view = _view(opt, model, layout)
-    out = view.templates[index].copy()
-    if not _read_live(out, view.live):  # a live tensor was replaced: read the names again
+    out, fits = _entries(view, index, model)
+    if not fits:  # read the names again, once
         _views[layout].pop(id(model), None)
         view = _view(opt, model, layout)
-        out = view.templates[index].copy()
-        _read_live(out, view.live)
+        out, _ = _entries(view, index, model)
     if rt.swapped is not None and rt.swapped_index == index:
         _inside_swap(out, view.averaged[index], rt.swapped)
     if dtype is not None:

@@ -9,6 +9,7 @@ step does no per-parameter Python work.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -28,6 +29,18 @@ def key(k: int) -> str:
 
 def keys(n: int) -> tuple[str, ...]:
     return tuple(key(k) for k in range(n))
+
+
+def as_index(index: Any) -> int:
+    """A shadow index as an int: anything ``operator.index()`` takes (as a sequence does: numpy
+    ints, integer 0-dim tensors), except a bool (``True`` is no index into a decay tuple)."""
+    if not isinstance(index, bool) and not (isinstance(index, Tensor) and index.dtype == torch.bool):
+        try:
+            return operator.index(index)
+        except TypeError:
+            pass
+    got = f"a {index.dtype} tensor" if isinstance(index, Tensor) else type(index).__name__
+    raise TypeError(f"index must be an int (or an integer that operator.index() takes), got {got}")
 
 
 def buffer_key(k: int, name: str) -> str:
@@ -223,23 +236,46 @@ class Layout:
             )
         self.missing: dict[Tensor, dict[str, Tensor]] = {}  # made by make_missing, not installed yet
         self.incomplete = True  # some averaged params may lack shadows
-        for p in self.params:
-            have = state.get(p, {})
-            for name in names:
-                if name in have:
-                    _check_pair(have[name], p, name, partial(_where, param_groups, p))
+        self._stale = False  # check_shapes() found a tensor that no longer fits its shadows
         self._state, self._names, self._spec = state, names, spec
+        self._check_params()
         self._gather_buffer_shadows(param_groups)
-        if buffers is not None:
-            for k in range(len(names)):
-                held = self.buffer_shadows(k)
-                for n, t in zip(buffers.names, self.buffer_tensors):
-                    if n in held:
-                        _check_buffer_pair(held[n], t, n, buffer_key(k, n))
+        self._check_buffers()
         self.groups: list[_kernels.Group] = []
         self.here: list[_kernels.Group] = []
         self.offloaded: list[_kernels.Group] = []
         self._regroup()
+
+    def _check_params(self) -> None:
+        param_groups = self._seen[0]
+        for p in self.params:
+            have = self._state.get(p, {})
+            for name in self._names:
+                if name in have:
+                    _check_pair(have[name], p, name, partial(_where, param_groups, p))
+
+    def _check_buffers(self) -> None:
+        if self.buffers is not None:
+            for k in range(len(self._names)):
+                held = self.buffer_shadows(k)
+                for n, t in zip(self.buffers.names, self.buffer_tensors):
+                    if n in held:
+                        _check_buffer_pair(held[n], t, n, buffer_key(k, n))
+
+    def check_shapes(self) -> None:
+        """Raise the ValueError of :meth:`__init__` if a tensor no longer has its shadows' shape.
+
+        :meth:`fresh` sees a new shape only on the first param of each (device, dtype) group
+        (``model.half()`` changes them all); a ``p.data = ...`` on another param shows here.
+        Host metadata only, in one C-level pass (no Python work per tensor): for the swap and
+        ``ema_state_dict``, not the step (whose update fails on it instead, see ``step()``).
+        The layout is then stale: the next step rebuilds it and refuses before changing anything.
+        """
+        tensors, shapes = self._sized
+        if list(map(_SHAPE, tensors)) != shapes:
+            self._stale = True
+            self._check_params()
+            self._check_buffers()
 
     def _gather_buffer_shadows(self, param_groups: list[dict]) -> None:
         """Move buffer shadows kept by another param (the anchor changed: frozen, or its group
@@ -276,6 +312,8 @@ class Layout:
         # updated on the device now, and offloaded to the background pipeline (ema_device)
         self.here = [g for g in self.groups if g.staged is None]
         self.offloaded = [g for g in self.groups if g.staged is not None]
+        # every averaged tensor and its shadows' shape, for check_shapes()
+        self._sized = (ready + buffers, [c[0].shape for c in columns + buffer_columns])
         self._reps = [
             (g.params[0], g.params[0].dtype, g.params[0].shape, g.params[0].device) for g in self.groups
         ]
@@ -296,6 +334,8 @@ class Layout:
             return False
         if self._anchor_trained and self.anchor is not None and not self.anchor.requires_grad:
             return False  # DCP's loader skips the state of frozen params: move the buffer shadows
+        if self._stale:
+            return False
         # a model converted as a whole (model.half(), model.to(device)) shows in every group
         return all(p.dtype == dt and p.shape == shape and p.device == dev for p, dt, shape, dev in self._reps)
 
@@ -332,7 +372,9 @@ class Layout:
         return True
 
     def pairs(self, k: int) -> list[tuple[Tensor, Tensor]]:
-        """(tensor, shadow k) of every param and buffer that has shadows."""
+        """(tensor, shadow k) of every param and buffer that has shadows, each of its shadow's
+        shape (else the ValueError of :meth:`check_shapes`)."""
+        self.check_shapes()
         name = self._names[k]
         params = [(p, self._state[p][name]) for p in self.params if name in self._state.get(p, ())]
         if self.buffers is None:
@@ -341,6 +383,9 @@ class Layout:
         return params + [
             (t, shadows[n]) for n, t in zip(self.buffers.names, self.buffer_tensors) if n in shadows
         ]
+
+
+_SHAPE = operator.attrgetter("shape")
 
 
 def _check_buffer_pair(shadow: Any, buf: Tensor, name: str, shadow_key: str) -> None:

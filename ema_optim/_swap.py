@@ -1,6 +1,6 @@
 """The swap: the EMA into the params (and back, bit for bit) with no model-sized copy.
 
-Three ways to put the EMA into a param and get the training value back bit for bit:
+Ways to put the EMA into a param and get the training value back bit for bit:
 
 - "exchange": same dtype: the two tensors trade values, a piece at a time through a scratch;
 - "pack": bf16 param, fp32 shadow: the shadow's 32 bits keep the param's 16 training bits
@@ -9,9 +9,13 @@ Three ways to put the EMA into a param and get the training value back bit for b
 - "pack16": fp16 param, fp32 shadow: the param holds the EMA rounded to fp16, the shadow's
   32 bits keep the 16 training bits and the rounding residual as an int16 count of the EMA's
   finest fp32 step; exact while the EMA is in fp16's normal range;
-- "copy": any other dtype pair, a param whose memory is not one dense block, a meta tensor,
-  or a shadow that cannot be packed (a NaN; for fp16 an EMA outside fp16's normal range):
-  keep a copy of the param's training values.
+- "pack64": fp32/bf16/fp16 param, float64 shadow: as pack16, with the training bits in the
+  low 32 or 16 bits and the residual (a count of the EMA's finest float64 step) above them;
+  exact while the EMA is 0 or in the param dtype's normal range;
+- "copy": any other dtype pair (a shadow narrower than its param cannot hold the training
+  bits), a param whose memory is not one dense block, a meta tensor, or a shadow that cannot
+  be packed (a NaN; for pack16/pack64 an EMA outside the param dtype's normal range): keep a
+  copy of the param's training values.
 
 Exchange and pack work piece by piece; each :class:`Record` notes how far it got and the
 param's tensor as it was, so :func:`swap_out` undoes exactly what was done, also after a
@@ -40,6 +44,8 @@ def swap_method(shadow: Tensor, param: Tensor) -> str:
         return "copy"
     if shadow.dtype == param.dtype:
         return "exchange"
+    if shadow.dtype == torch.float64 and param.dtype in _TRAIN_BITS:
+        return "pack64"
     if shadow.dtype == torch.float32 and sys.byteorder == "little":
         return {torch.bfloat16: "pack", torch.float16: "pack16"}.get(param.dtype, "copy")
     return "copy"
@@ -139,29 +145,75 @@ def _finest_step(hf: Tensor) -> Tensor:
     return ((exponent - 24).clamp(min=1) << 23).view(torch.float32)
 
 
+# a param dtype that pack64_ takes: the same-width integer dtype and its width in bits
+_TRAIN_BITS = {
+    torch.float32: (torch.int32, 32),
+    torch.bfloat16: (torch.int16, 16),
+    torch.float16: (torch.int16, 16),
+}
+
+
+@_on_param_device
+def pack64_(s: Tensor, p: Tensor) -> None:
+    """Put a float64 EMA piece into an fp32/bf16/fp16 param piece (as ``p.copy_(s)`` would); the
+    shadow's 64 bits keep the param's training bits (low) and the rounding residual (high), an
+    integer count of the EMA's finest float64 step: |count| < 2**46, so both fit."""
+    int_dtype, width = _TRAIN_BITS[p.dtype]
+    h = s.to(p.dtype)
+    hd = h.double()
+    count = ((s - hd) / _finest_step64(hd)).to(torch.int64)  # exact (Sterbenz), see packable()
+    train = p.view(int_dtype).to(torch.int64) & ((1 << width) - 1)
+    s.view(torch.int64).copy_((count << width) | train)
+    p.copy_(h)
+
+
+@_on_param_device
+def unpack64_(s: Tensor, p: Tensor) -> None:
+    """Inverse of :func:`pack64_`."""
+    int_dtype, width = _TRAIN_BITS[p.dtype]
+    bits = s.view(torch.int64)
+    count = bits >> width  # arithmetic: the signed count
+    train = ((bits << (64 - width)) >> (64 - width)).to(int_dtype)  # sign-extended: exact
+    hd = p.double()
+    # both terms and their sum are exact in float64; where() keeps the sign of a -0.0 EMA
+    s.copy_(torch.where(count == 0, hd, hd + count.double() * _finest_step64(hd)))
+    p.view(int_dtype).copy_(train)
+
+
+def _finest_step64(hd: Tensor) -> Tensor:
+    """2 ** (exponent(hd) - 53): the float64 spacing just below hd's binade, as a float64 tensor."""
+    exponent = (hd.view(torch.int64) >> 52) & 0x7FF
+    return ((exponent - 53).clamp(min=1) << 52).view(torch.float64)
+
+
 SWAP_KERNELS = {
+    "pack64": (pack64_, unpack64_),
     "exchange": (exchange_, exchange_),
     "pack": (pack_, unpack_edited_),
     "pack16": (pack16_, unpack16_),
 }
 
 
-def packable(pairs: Sequence[tuple[Tensor, str]]) -> list[bool]:
-    """Whether each (shadow, method) can be packed exactly, with one host read (swap time only).
+def packable(pairs: Sequence[tuple[Tensor, Tensor, str]]) -> list[bool]:
+    """Whether each (shadow, param, method) can be packed exactly, with one host read (swap time only).
 
-    bf16: any EMA but NaN (whose bf16 rounding would not show as NaN); fp16: an EMA of 0 or in
-    fp16's normal range (finite after rounding, magnitude >= 2**-14).
+    bf16: any EMA but NaN (whose bf16 rounding would not show as NaN); fp16 (pack16) and a
+    float64 shadow (pack64): an EMA of 0 or in the param dtype's normal range (finite after
+    rounding, magnitude >= its smallest normal), where the residual is a whole number of the
+    EMA's finest step.
     """
     if not pairs:
         return []
     checks = []
-    for shadow, method in pairs:
+    for shadow, param, method in pairs:
         s = local(shadow)
         if method == "pack":
             checks.append(~torch.isnan(s).any())
         else:
-            h = s.to(torch.float16)
-            checks.append((torch.isfinite(h) & ((h.float().abs() >= 2.0**-14) | (s == 0))).all())
+            dtype = torch.float16 if method == "pack16" else param.dtype
+            h = s.to(dtype)
+            normal = h.to(s.dtype).abs() >= torch.finfo(dtype).tiny
+            checks.append((torch.isfinite(h) & (normal | (s == 0))).all())
     return torch.stack([c.to(checks[0].device) for c in checks]).tolist()
 
 
@@ -238,7 +290,7 @@ def swap_in(pairs: Sequence[tuple[Tensor, Tensor]], records: list[Record]) -> No
     """Put each shadow into its tensor. Each pair is recorded in ``records`` before it is
     touched, so that :func:`swap_out` can undo what was done if this fails half-way."""
     methods = [swap_method(s, p) for p, s in pairs]
-    packs = [(s, m) for (_, s), m in zip(pairs, methods) if m.startswith("pack")]
+    packs = [(s, p, m) for (p, s), m in zip(pairs, methods) if m.startswith("pack")]
     fits = iter(packable(packs))  # e.g. a NaN EMA must show as NaN: copy those
     methods = [m if not m.startswith("pack") or next(fits) else "copy" for m in methods]
     for (p, shadow), method in zip(pairs, methods):

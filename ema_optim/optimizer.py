@@ -383,8 +383,7 @@ class EMAOptimizer(Optimizer):
             >>> all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
             True
         """
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise TypeError(f"index must be an int, got {type(index).__name__}")
+        index = _shadows.as_index(index)
         if not -self._spec.count <= index < self._spec.count:
             raise IndexError(
                 f"swap_ema_weights({index}): this optimizer keeps {self._spec.count} shadow(s) "
@@ -408,12 +407,13 @@ class EMAOptimizer(Optimizer):
 
     def _swap_out(self) -> None:
         rt = self._rt
-        records, rt.swapped = rt.swapped or [], None
+        # this swap's undo record, taken whole and cleared: the next swap starts from nothing
+        records, buffers, rt.swapped, rt.swapped_buffers = rt.swapped or [], rt.swapped_buffers, None, []
         try:
             _swap.swap_out(records)
         finally:
             if self._buffers is not None:  # the block may have replaced them (model.double())
-                self._buffers.put_back(rt.swapped_buffers)
+                self._buffers.put_back(buffers)
 
     # ------------------------------------------------------------------ state dict
 

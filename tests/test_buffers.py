@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from ema_optim import EMAOptimizer, _kernels, posthoc, schedules
+from ema_optim import EMAOptimizer, _kernels, ema_state_dict, posthoc, schedules
 
 from .reference import reference_shadows
 
@@ -333,6 +333,19 @@ def test_a_buffer_replaced_with_another_shape_is_refused():
     assert all(bitwise(shadows[b], buffer_shadows(opt)[b]) for b in AVERAGED)
 
 
+def test_a_buffer_resized_in_place_is_refused_by_the_swap_and_ema_state_dict():
+    model, opt = make()
+    train(model, opt, range(2))
+    ema_state_dict(opt, model)
+    model.bn.running_var.data = torch.ones(7)  # the same tensor object, another shape
+    params, shadows = [p.clone() for p in model.parameters()], buffer_shadows(opt)
+    for call in (lambda: swapped_buffers(opt, model), lambda: ema_state_dict(opt, model)):
+        with pytest.raises(ValueError, match=r"buffer 'bn.running_var' now has shape \(7,\)"):
+            call()
+    assert all(bitwise(a, b) for a, b in zip(params, model.parameters()))
+    assert all(bitwise(shadows[b], buffer_shadows(opt)[b]) for b in AVERAGED)
+
+
 # ------------------------------------------------------------------------------------ state dict
 
 
@@ -558,6 +571,25 @@ def test_a_block_that_converts_the_model_gets_its_buffers_back():
         b = dict(model.named_buffers())[n]
         assert b is before[n] and bitwise(b, values[n]), n
     assert all(bitwise(p, q) for p, q in zip(model.parameters(), params))
+
+
+def test_a_failed_swap_leaves_the_buffers_of_an_earlier_swap_out_of_the_model():
+    """SPEC (Swapping): a swap that fails before it swaps anything changes nothing; its undo
+    knows only what this swap did, never the buffers an earlier swap saw."""
+    model, opt = make(inner="sgd")
+    train(model, opt, range(1))
+    with opt.swap_ema_weights():
+        pass
+    model.double()  # new float64 buffer tensors, which the earlier swap never saw
+    train(model, opt, range(1, 3))
+    before = dict(model.named_buffers())
+    values = {n: b.clone() for n, b in before.items()}
+    model.fc1.weight.data = torch.randn(6, 5, dtype=torch.float64)  # no longer fits its shadows
+    with pytest.raises(ValueError, match="param 0 of param group 0"):
+        with opt.swap_ema_weights():
+            pass  # pragma: no cover
+    for n, b in model.named_buffers():
+        assert b is before[n] and bitwise(b, values[n]), n
 
 
 # ------------------------------------------------------------------------------------ example

@@ -13,6 +13,7 @@ import io
 import threading
 import weakref
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -423,6 +424,8 @@ BAD = [
     (("opt", "model", -3), {}, IndexError, r"index must be in \[-2, 1\]"),
     (("opt", "model", True), {}, TypeError, "index must be an int"),
     (("opt", "model", 0.0), {}, TypeError, "index must be an int"),
+    (("opt", "model", torch.tensor(1.0)), {}, TypeError, "index must be an int"),
+    (("opt", "model", torch.tensor(True)), {}, TypeError, "index must be an int"),
     (("opt", "model"), {"dtype": torch.int32}, TypeError, "floating torch.dtype"),
     (("opt", "model"), {"dtype": "bfloat16"}, TypeError, "floating torch.dtype"),
     (("opt", "other"), {}, ValueError, "none of the parameters"),
@@ -448,6 +451,29 @@ def test_bad_input_raises_and_changes_nothing(args, kwargs, error, match):
                 else v == after_opt["state"][i][k]
             )
     assert_same_values(model.state_dict(), before_model)
+
+
+@pytest.mark.parametrize("j", [0, 1, 3, 4])
+def test_a_param_given_a_new_shape_is_refused_clearly(j):
+    """p.data = ... with a new shape on any param, also after the names were cached: the
+    ValueError the swap gives, not the old-shape shadow under the param's name."""
+    model = cnn()
+    opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), decay=0.5)
+    train(model, opt, 1)
+    ema_state_dict(opt, model)
+    p = list(model.parameters())[j]
+    p.data = torch.randn(7, *p.shape[1:])
+    for _ in range(2):
+        with pytest.raises(ValueError, match=rf"param {j} of param group 0 \(shape \(7.*Load a state dict"):
+            ema_state_dict(opt, model)
+
+
+@pytest.mark.parametrize("index", [np.int64(1), np.int32(-1), torch.tensor(1)], ids=repr)
+def test_any_integer_that_operator_index_takes_names_a_shadow(index):
+    model = cnn()
+    opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), decay=(0.9, 0.5))
+    train(model, opt, 2)
+    assert ema_state_dict(opt, model, index)["0.weight"] is opt.state[model[0].weight]["ema_1"]
 
 
 def test_a_submodule_of_the_model_is_fine():
@@ -538,6 +564,29 @@ def test_a_call_during_functional_call_sees_its_tensors_and_the_next_one_the_sha
     hook.remove()
     assert seen[0]["0.weight"].untyped_storage().data_ptr() == given.data_ptr()  # as model.state_dict() there
     assert ema_state_dict(opt, model)["0.weight"] is opt.state[model[0].weight]["ema"]
+
+
+def test_entries_a_state_dict_hook_makes_are_live_at_every_call():
+    """SPEC: every entry without a shadow is what ``model.state_dict()`` gives, also one a
+    state_dict post hook adds (an export-time scale) or rewrites: read again at each call."""
+    model = cnn()
+
+    def hook(module, sd, prefix, local_metadata):
+        sd[prefix + "scale"] = module[0].weight.detach().abs().amax()  # a new tensor each time
+        sd[prefix + "4.bias"] = module[4].bias.detach() * 2  # an entry rewritten
+        sd[prefix + "step"] = int(module[1].num_batches_tracked)  # not a tensor
+
+    model.register_state_dict_post_hook(hook)
+    opt = EMAOptimizer(torch.optim.SGD(list(model[:2].parameters()), lr=0.1), decay=0.5)
+    for seed in range(3):
+        train(model, opt, 1, seed=seed)
+        got, expected = ema_state_dict(opt, model), model.state_dict()
+        assert list(got) == list(expected)
+        for name in ("scale", "4.bias", "step"):
+            assert torch.equal(torch.as_tensor(got[name]), torch.as_tensor(expected[name])), (seed, name)
+        assert got["0.weight"] is opt.state[model[0].weight]["ema"]
+    with opt.swap_ema_weights():  # inside the swap the hook sees the average, as model.state_dict() does
+        assert torch.equal(ema_state_dict(opt, model)["scale"], model.state_dict()["scale"])
 
 
 def test_cache_follows_a_model_converted_as_a_whole():

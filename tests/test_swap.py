@@ -107,6 +107,29 @@ def test_state_dict_inside_equals_outside(dtype):
         assert_same(snapshot(model, opt)[0], params_inside)
 
 
+@pytest.mark.parametrize("j", [0, 1, 2, 3])
+def test_a_param_given_a_new_shape_is_refused_clearly_and_changes_nothing(j):
+    """Head surgery (p.data = ... with a new shape) on any param of a group, not only the first:
+    the ValueError that says what changed and what to do, and nothing changed; so does the next step."""
+    model, opt = trained(torch.float32)
+    with opt.swap_ema_weights():  # the layout is cached before the change
+        pass
+    p = list(model.parameters())[j]
+    p.data = torch.randn(5, *p.shape[1:])
+    before = snapshot(model, opt)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=rf"param {j} of param group 0 \(shape \(5.*Load a state dict"):
+            with opt.swap_ema_weights():
+                pass  # pragma: no cover
+        assert_same(snapshot(model, opt)[0], before[0])
+        assert_same(snapshot(model, opt)[1], before[1])
+    for q in model.parameters():
+        q.grad = torch.ones_like(q)
+    with pytest.raises(ValueError, match=rf"param {j} of param group 0"):
+        opt.step()  # refused before the inner step: nothing moved
+    assert_same(snapshot(model, opt)[0], before[0])
+
+
 def test_swap_before_first_step_is_a_noop():
     model = torch.nn.Linear(3, 2)
     opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
@@ -131,7 +154,7 @@ def test_non_contiguous_param_uses_a_copy_and_restores():
 
 def _random_bits(n, dtype, seed):
     g = torch.Generator().manual_seed(seed)
-    width = {torch.float32: torch.int32, torch.bfloat16: torch.int16}[dtype]
+    width = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[dtype]
     info = torch.iinfo(width)
     return torch.randint(info.min, info.max, (n,), generator=g, dtype=torch.int64).to(width).view(dtype)
 
@@ -271,7 +294,7 @@ def test_pack16_is_exact_and_rounds_like_torch():
     mags = torch.logspace(-4.2, 4.5, 200_000).float()  # fp16's normal range is [6.1e-5, 65504]
     shadow = torch.randn(200_000, generator=g).sign() * mags * (1 + torch.rand(200_000, generator=g))
     shadow[:3] = torch.tensor([0.0, -0.0, 65504.0])
-    assert all(_swap.packable([(shadow, "pack16")]))
+    assert all(_swap.packable([(shadow, torch.empty(0, dtype=torch.float16), "pack16")]))
     param = torch.randn(200_000, generator=g).half()
     s, p = shadow.clone(), param.clone()
     for s_piece, p_piece in _swap.swap_pieces(s, p):
@@ -295,3 +318,60 @@ def test_fp16_ema_outside_fp16_range_falls_back_to_a_copy(value):
         assert [r.method for r in opt._rt.swapped] == ["copy"]
         torch.testing.assert_close(w.detach(), shadow.half(), rtol=0, atol=0, equal_nan=True)
     assert torch.equal(bits(w), before) and torch.equal(bits(opt.state[w]["ema"]), bits(shadow))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_float64_shadows_swap_in_place_bit_for_bit(dtype):
+    """SPEC: no full-model copy, also for float64 shadows of narrower params ("pack64"): the
+    param holds the EMA as a copy would round it; params and shadows come back bit for bit."""
+    model, opt = trained(dtype, ema_dtype=torch.float64)
+    before = snapshot(model, opt)
+    outside = [v.clone() for v in opt.state_dict()["state"][0].values()]
+    shadows = [opt.state[p]["ema"].clone() for p in model.parameters()]
+    with opt.swap_ema_weights():
+        assert [r.method for r in opt._rt.swapped] == ["pack64"] * 4
+        assert all(r.stash is None for r in opt._rt.swapped)
+        assert_same([bits(p) for p in model.parameters()], [bits(s.to(dtype)) for s in shadows])
+        inside = list(opt.state_dict()["state"][0].values())
+        assert all(torch.equal(a, b) for a, b in zip(inside, outside))
+    assert_same(snapshot(model, opt)[0], before[0])
+    assert_same(snapshot(model, opt)[1], before[1])
+    with pytest.raises(KeyError):
+        with opt.swap_ema_weights():
+            raise KeyError("boom")
+    assert_same(snapshot(model, opt)[0], before[0])
+    assert_same(snapshot(model, opt)[1], before[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_pack64_is_the_identity_on_random_bits_and_edge_values(dtype):
+    ints = {32: torch.int32, 16: torch.int16}[torch.finfo(dtype).bits]
+    tiny = torch.finfo(dtype).tiny
+    g = torch.Generator().manual_seed(0)
+    ema = torch.randn(5000, generator=g, dtype=torch.float64) * torch.finfo(dtype).max ** torch.rand(
+        5000, generator=g, dtype=torch.float64
+    )
+    ema[:6] = torch.tensor([0.0, -0.0, tiny, -tiny, 1.0 - 2.0**-40, -(2.0 ** (-14))], dtype=torch.float64)
+    rounded = ema.to(dtype)
+    ema = ema[torch.isfinite(rounded) & ((rounded.double().abs() >= tiny) | (ema == 0))]  # packable
+    train = _random_bits(ema.numel(), dtype, seed=1)
+    assert all(_swap.packable([(ema, train, "pack64")]))
+    s, p = ema.clone(), train.clone()
+    _swap.pack64_(s, p)
+    assert torch.equal(p.view(ints), ema.to(dtype).view(ints))
+    _swap.unpack64_(s, p)
+    assert torch.equal(s.view(torch.int64), ema.view(torch.int64)) and torch.equal(
+        p.view(ints), train.view(ints)
+    )
+
+
+@pytest.mark.parametrize("value", [1e-300, 1e300, float("nan")])
+def test_float64_ema_outside_the_param_range_falls_back_to_a_copy(value):
+    model, opt = trained(torch.float16, ema_dtype=torch.float64)
+    p = next(model.parameters())
+    opt.state[p]["ema"][0, 0] = value
+    before = snapshot(model, opt)
+    with opt.swap_ema_weights():
+        assert opt._rt.swapped[0].method == "copy"
+    assert_same(snapshot(model, opt)[0], before[0])
+    assert_same(snapshot(model, opt)[1], before[1])

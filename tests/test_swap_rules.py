@@ -3,6 +3,7 @@ leave the EMA between steps."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -44,6 +45,31 @@ def test_negative_index_counts_from_the_end(index, shadow):
     with opt.swap_ema_weights(index):
         assert all(torch.equal(p, e) for p, e in zip(model.parameters(), expected))
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize(
+    "index", [np.int64(1), np.int32(-2), torch.tensor(1), torch.tensor(-2, dtype=torch.int8)], ids=repr
+)
+def test_any_integer_that_operator_index_takes_names_a_shadow(index):
+    """As for a sequence: numpy ints (np.argmin of validation losses) and integer 0-dim tensors."""
+    model, opt = make()
+    train(model, opt, 3)
+    expected = [opt.state[p]["ema_1"].clone() for p in model.parameters()]
+    with opt.swap_ema_weights(index):
+        assert all(torch.equal(p, e) for p, e in zip(model.parameters(), expected))
+
+
+@pytest.mark.parametrize(
+    "index", [True, 1.0, np.float64(1), torch.tensor(1.0), torch.tensor(True), "1"], ids=repr
+)
+def test_an_index_that_is_not_an_integer_is_refused_and_changes_nothing(index):
+    model, opt = make()
+    train(model, opt, 3)
+    before = everything(model, opt)
+    with pytest.raises(TypeError, match="index must be an int"):
+        with opt.swap_ema_weights(index):
+            pass  # pragma: no cover
+    assert all(torch.equal(a, b) for a, b in zip(everything(model, opt), before))
 
 
 @pytest.mark.parametrize("index", [-4, 3, 100, -100])
