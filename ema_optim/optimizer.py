@@ -349,9 +349,11 @@ class EMAOptimizer(Optimizer):
         (the param gets the EMA rounded to bf16, half away from zero; the shadow's 32 bits
         keep the 16 training bits and the 16 bits the rounding dropped); fp16 params with
         fp32 shadows likewise (the param gets ``ema.half()``, the shadow keeps the residual)
-        while the EMA is in fp16's normal range. Tensors that cannot be packed (a NaN EMA,
-        an fp16 EMA out of range, other dtype pairs, params with gaps in memory) keep a copy
-        of their training values ("copy" pairs).
+        while the EMA is in fp16's normal range, and fp32/bf16/fp16 params with float64
+        shadows (the param gets the EMA in its dtype) while the EMA is in the param dtype's
+        normal range. Tensors that cannot be packed (a NaN EMA, an EMA out of that range,
+        shadows narrower than their params, params with gaps in memory) keep a copy of their
+        training values ("copy" pairs).
 
         Inside the block, ``opt.step()`` and a nested swap raise ``RuntimeError``;
         ``opt.state_dict()`` returns what it returns outside; ``opt.state[p]["ema"]`` holds
@@ -365,11 +367,15 @@ class EMAOptimizer(Optimizer):
         Args:
             index: which shadow to swap in (0 for the first ``decay``; ``k`` for ``decay[k]``).
                 Negative values count from the last, as for a sequence: with ``n`` shadows,
-                ``index`` is in ``[-n, n - 1]`` and ``-1`` is the last.
+                ``index`` is in ``[-n, n - 1]`` and ``-1`` is the last. Any integer that
+                ``operator.index()`` takes (numpy ints, integer 0-dim tensors), not a bool.
 
         Raises:
+            TypeError: ``index`` is not an integer (nothing is changed).
             IndexError: ``index`` is outside ``[-n, n - 1]`` (nothing is changed).
             RuntimeError: a swap is already active (nothing is changed).
+            ValueError: a param no longer has its shadows' shape (``p.data = ...`` with a new
+                shape; the message says what to do; nothing is changed).
 
         Example:
             >>> import torch
