@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import ema_optim
 import ema_optim.posthoc as posthoc
 from ema_optim import EMAOptimizer, schedules
 
@@ -425,8 +426,9 @@ def test_snapshots_through_distributed_checkpoint(run, tmp_path):
 
 
 class FakeOptimizer:
-    """The surface snapshot() reads: decay, param_groups and state_dict(), whose first param's
-    state carries the buffer shadows as EMAOptimizer keeps them (``"ema_k:<buffer name>"``)."""
+    """The surface snapshot(opt) reads without a model: decay, param_groups and state_dict(), whose
+    first param's state carries the buffer shadows as EMAOptimizer keeps them (``"ema_k:<buffer
+    name>"``). With a model it names them as ema_state_dict does, which needs an EMAOptimizer."""
 
     def __init__(self, params, decay, buffers=None):
         self.decay = decay
@@ -456,15 +458,14 @@ def test_snapshot_format_from_several_shadows():
     params = list(model.parameters())
     decay = (0.999, schedules.power(sigma_rel=0.05), schedules.warmup(), schedules.power(gamma=3.0))
     opt = FakeOptimizer(params, decay, buffers={"1.running_mean": torch.ones(2)})
-    snap = posthoc.snapshot(opt, model)
+    snap = posthoc.snapshot(opt)  # by param index; by name: test_snapshot_of_a_real_optimizer
     assert snap["version"] == 1 and snap["ema_updates"] == 12 and isinstance(snap["ema_updates"], int)
     assert snap["gamma"] == [decay[1].gamma, 3.0]
-    names = [n for n, _ in model.named_parameters()]
     for shadow, k in zip(snap["shadows"], (1, 3)):
-        assert list(shadow) == names + ["1.running_mean"]
-        for i, name in enumerate(names):
-            torch.testing.assert_close(shadow[name], params[i].detach() + k, atol=0, rtol=0)
-            assert shadow[name].data_ptr() != opt.state[i][f"ema_{k}"].data_ptr()  # a copy
+        assert list(shadow) == [0, 1, 2, 3, "1.running_mean"]
+        for i in range(4):
+            torch.testing.assert_close(shadow[i], params[i].detach() + k, atol=0, rtol=0)
+            assert shadow[i].data_ptr() != opt.state[i][f"ema_{k}"].data_ptr()  # a copy
         torch.testing.assert_close(shadow["1.running_mean"], torch.full((2,), 1.0 + k))
     by_index = posthoc.snapshot(opt, dtype=torch.float16)
     assert list(by_index["shadows"][0]) == [0, 1, 2, 3, "1.running_mean"]
@@ -873,3 +874,58 @@ def test_a_group_that_left_the_ema_is_left_out_of_snapshots():
     with pytest.raises(ValueError, match=r"snapshot 0 has the key '2\.weight'.*'ema': False.*keys="):
         posthoc.reconstruct(snaps, 0.08)
     assert set(posthoc.reconstruct(snaps, 0.08, keys=["0.weight", "0.bias"])) == {"0.weight", "0.bias"}
+
+
+# ---------------------------------------------------------------------------- snapshot: buffers= a submodule
+
+
+def test_buffer_keys_are_their_names_in_the_model():
+    """buffers= a submodule: the buffer shadows are keyed by their names in ``model`` (as in
+    ema_state_dict), not in the buffers= module, whose "0.running_mean" is model[0]'s."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.BatchNorm1d(4))
+    ).double()
+    decay = (schedules.power(sigma_rel=0.05), schedules.power(sigma_rel=0.10))
+    opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), decay=decay, buffers=model[2])
+    gen = torch.Generator().manual_seed(0)
+    snaps, by_index = [], []
+    for n in range(1, 13):
+        model(3 * torch.randn(8, 4, generator=gen, dtype=F64) + 2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        if n % 3 == 0:
+            snaps.append(posthoc.snapshot(opt, model))
+            by_index.append(posthoc.snapshot(opt))
+    averaged = ["2.0.running_mean", "2.0.running_var"]
+    names = [n for n, _ in model.named_parameters()] + averaged
+    assert [list(s) for s in snaps[-1]["shadows"]] == [names, names]
+    for k, shadow in enumerate(snaps[-1]["shadows"]):  # the keys of ema_state_dict, the same values
+        avg = ema_optim.ema_state_dict(opt, model, index=k)
+        torch.testing.assert_close(shadow, {name: avg[name] for name in shadow}, atol=0, rtol=0)
+    assert list(by_index[-1]["shadows"][0])[-2:] == ["0.running_mean", "0.running_var"]  # the buffers= names
+    result = posthoc.reconstruct(snaps, 0.07, dtype=F64)
+    reference = posthoc.reconstruct(by_index, 0.07, dtype=F64)
+    for name in averaged:
+        torch.testing.assert_close(result[name], reference[name[2:]], atol=0, rtol=0)
+    live = model[0].running_mean.clone()
+    missing, unexpected = model.load_state_dict(result, strict=False)
+    assert missing == ["0.running_mean", "0.running_var"] and not unexpected
+    torch.testing.assert_close(model[2][0].running_mean, result["2.0.running_mean"], atol=0, rtol=0)
+    torch.testing.assert_close(model[0].running_mean, live, atol=0, rtol=0)  # not averaged: untouched
+
+
+def test_buffers_outside_the_model_are_refused_by_name():
+    torch.manual_seed(0)
+    model, norm = torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)
+    decay = (schedules.power(sigma_rel=0.05), schedules.power(sigma_rel=0.10))
+    opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), decay=decay, buffers=norm)
+    norm(model(torch.randn(8, 3))).sum().backward()
+    opt.step()
+    refused = r"'running_mean' \(and 1 more\) of the buffers= module .*not in the model .*model=None"
+    with pytest.raises(ValueError, match=refused):
+        posthoc.snapshot(opt, model)
+    assert list(posthoc.snapshot(opt)["shadows"][0]) == [0, 1, "running_mean", "running_var"]
+    whole = torch.nn.Sequential(model, norm)  # the model that holds both: keyed by its names
+    keys = ["0.weight", "0.bias", "1.running_mean", "1.running_var"]
+    assert list(posthoc.snapshot(opt, whole)["shadows"][0]) == keys
