@@ -67,13 +67,41 @@ Snapshot = Union[Mapping[str, Any], str, "os.PathLike[str]"]
 # ---------------------------------------------------------------------------- gamma <-> sigma_rel
 
 
-def _check_number(name: str, value: object) -> float:
+def _real(name: str, value: object, error: type[Exception] = TypeError, accepted: str = "") -> float:
+    """``value`` as a float; ``error`` (TypeError for an argument, ValueError for a field of a
+    snapshot) if it is not a real number. One beyond float64's range (an int such as
+    ``10 ** 400``, where ``float()`` raises OverflowError) is out of range: ValueError, which
+    names the ``accepted`` range if given."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+        raise error(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        size = f"about 1e+{math.log10(abs(value)):.0f}" if isinstance(value, numbers.Integral) else "huge"
+        raise ValueError(
+            f"{name} is out of range: its magnitude ({size}) is beyond float64's (about 1.8e+308)"
+            + (f"; it must be in {accepted}" if accepted else "")
+        ) from None
+
+
+def _check_number(name: str, value: object, error: type[Exception] = TypeError, accepted: str = "") -> float:
+    value = _real(name, value, error, accepted)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
+
+
+def _check_gamma(name: str, value: object, error: type[Exception] = TypeError) -> float:
+    """A gamma in ``[0, GAMMA_MAX]``; ``error`` for a value that is not a number (see :func:`_real`)."""
+    g = _check_number(name, value, error, accepted=f"[0, {GAMMA_MAX:g}]")
+    if g < 0.0:
+        raise ValueError(f"{name} must be >= 0, got {g} (gamma = 0 is the arithmetic mean)")
+    if g > GAMMA_MAX:
+        raise ValueError(
+            f"{name}={g:g} is too large to compute with: use gamma <= {GAMMA_MAX:g} (sigma_rel >= "
+            f"{SIGMA_REL_MIN:g}), beyond which float64 overflows{_TOO_SHORT}"
+        )
+    return g
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
@@ -93,7 +121,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
         >>> round(sigma_rel_to_gamma(0.05), 6), round(sigma_rel_to_gamma(0.10), 6)
         (16.972199, 6.937204)
     """
-    s = _check_number("sigma_rel", sigma_rel)
+    s = _check_number("sigma_rel", sigma_rel, accepted=f"[{SIGMA_REL_MIN:g}, 12 ** -0.5]")
     if not 0.0 < s <= SIGMA_REL_MAX:
         raise ValueError(
             f"sigma_rel must be in (0, 12 ** -0.5 = {SIGMA_REL_MAX:.6f}], got {s}; "
@@ -131,14 +159,7 @@ def gamma_to_sigma_rel(gamma: float) -> float:
         >>> gamma_to_sigma_rel(0.0) == 12 ** -0.5
         True
     """
-    g = _check_number("gamma", gamma)
-    if g < 0.0:
-        raise ValueError(f"gamma must be >= 0, got {g} (gamma = 0 is the arithmetic mean)")
-    if g > GAMMA_MAX:
-        raise ValueError(
-            f"gamma={g:g} is too large to compute with: use gamma <= {GAMMA_MAX:g} (sigma_rel >= "
-            f"{SIGMA_REL_MIN:g}), beyond which float64 overflows{_TOO_SHORT}"
-        )
+    g = _check_gamma("gamma", gamma)
     return math.sqrt((g + 1.0) / ((g + 2.0) ** 2 * (g + 3.0)))
 
 
@@ -148,6 +169,8 @@ def gamma_to_sigma_rel(gamma: float) -> float:
 def _as_float64(name: str, values: Any) -> Tensor:
     try:
         out = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    except OverflowError:  # a Python int beyond float64
+        raise ValueError(f"{name} is out of range: a value is beyond float64's (about 1.8e+308)") from None
     except (TypeError, ValueError, RuntimeError) as err:
         raise TypeError(f"{name} must be a sequence of numbers, got {type(values).__name__}") from err
     if not torch.isfinite(out).all():
@@ -305,7 +328,7 @@ def _header(snap: Mapping[str, Any], where: str) -> tuple[int, list[float], list
     keys = list(shadows[0])
     if any(set(s) != set(keys) for s in shadows):
         raise ValueError(f"{where}: its shadows do not all have the same keys")
-    return t, [float(g) for g in gammas], keys
+    return t, [_check_gamma(f"{where}: 'gamma'[{j}]", g, ValueError) for j, g in enumerate(gammas)], keys
 
 
 def _targets(sigma_rel: Any, gamma: Any) -> tuple[list[float], bool]:
@@ -319,9 +342,7 @@ def _targets(sigma_rel: Any, gamma: Any) -> tuple[list[float], bool]:
         raise ValueError("the list of targets is empty")
     if gamma is None:
         return [sigma_rel_to_gamma(v) for v in values], many
-    for g in values:
-        gamma_to_sigma_rel(g)  # checks it
-    return [float(g) for g in values], many
+    return [_check_gamma("gamma", g) for g in values], many
 
 
 def _target_step(times: list[int], step: Any) -> int:

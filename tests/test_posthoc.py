@@ -756,6 +756,49 @@ def test_gamma_too_large_for_float64(g):
         posthoc.reconstruct([], gamma=g)
 
 
+# Ints beyond float64 (float() raises OverflowError) are values out of range: ValueError.
+HUGE = 10**400
+
+
+@pytest.mark.parametrize("value", [HUGE, -HUGE])
+def test_ints_beyond_float64_are_a_value_error(value):
+    with pytest.raises(ValueError, match=r"^sigma_rel .*float64.*1e-100, 12 \*\* -0\.5"):
+        posthoc.sigma_rel_to_gamma(value)
+    with pytest.raises(ValueError, match=r"^gamma .*float64.*\[0, 1e\+100\]"):
+        posthoc.gamma_to_sigma_rel(value)
+    with pytest.raises(ValueError, match=r"^gamma .*float64"):
+        posthoc.reconstruct([], gamma=[1.0, value])
+    with pytest.raises(ValueError, match=r"^sigma_rel .*float64"):
+        posthoc.reconstruct([], sigma_rel=value)
+    with pytest.raises(ValueError, match=r"^t_in .*float64"):
+        posthoc.solve([100, value], [1.0, 2.0], [100], [1.0])
+    with pytest.raises(ValueError, match=r"^gamma_out .*float64"):
+        posthoc.solve([100, 200], [1.0, 2.0], [100], [value])
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (HUGE, r"'gamma'\[1\] .*float64"),
+        ("abc", r"'gamma'\[1\] must be a real number, got str"),
+        (None, r"'gamma'\[1\] must be a real number, got NoneType"),
+        (True, r"'gamma'\[1\] must be a real number, got bool"),
+        (-1.0, r"'gamma'\[1\] must be >= 0, got -1\.0"),
+        (float("nan"), r"'gamma'\[1\] must be finite, got nan"),
+        (1e101, r"'gamma'\[1\]=1e\+101 is too large .*1e\+100"),
+    ],
+)
+def test_a_malformed_snapshot_gamma_is_named(run, tmp_path, bad, match):
+    _, _, snaps = run
+    s = snaps[2]
+    bad_snap = {**s, "gamma": [s["gamma"][0], bad]}
+    with pytest.raises(ValueError, match=r"^snapshot 2: " + match):
+        posthoc.reconstruct([snaps[0], snaps[1], bad_snap], 0.1)
+    torch.save(bad_snap, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=rf"^snapshot 0 \({tmp_path / 'bad.pt'}\): " + match):
+        posthoc.reconstruct([tmp_path / "bad.pt", snaps[0], snaps[1]], 0.1)
+
+
 # ---------------------------------------------------------------------------- params added later
 
 
