@@ -432,25 +432,48 @@ def _wanted_keys(
     return list(latest)
 
 
+def _result_dtype(dtype: torch.dtype, value: Tensor, key: Any, where: str) -> torch.dtype:
+    """The dtype of ``key``'s result: ``dtype`` for a real tensor, its complex counterpart
+    for a complex one (``dtype`` may name either: float32 and complex64 are the same choice)."""
+    if not value.is_complex():
+        return dtype.to_real()
+    if dtype.to_real() not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"{where}: {key!r} is complex ({value.dtype}) and dtype={dtype} has no complex counterpart "
+            "(torch's complex32 is experimental); pass dtype=torch.float32 (complex64 for complex keys) "
+            "or torch.float64 (complex128), or reconstruct the complex keys apart (keys=...)"
+        )
+    return dtype.to_complex()
+
+
 def _accumulate_(
-    acc: list[dict], shadow: Mapping, weights: Tensor, keys: list, where: str, first: dict
+    acc: list[dict], shadow: Mapping, weights: Tensor, keys: list, where: str, first: dict, dtype: torch.dtype
 ) -> None:
-    """Add ``weights[j] * shadow`` into target ``j``'s sums. ``first`` keeps, per key, the shape
-    and the place of the first tensor summed under it, to name both when another differs."""
+    """Add ``weights[j] * shadow`` into target ``j``'s sums (float64, complex128 for a complex
+    tensor). ``first`` keeps, per key, the shape, the result dtype and the place of the first
+    tensor summed under it, to name both when another differs."""
     for key in keys:
         value = shadow[key]
         if not isinstance(value, Tensor):
             raise ValueError(f"{where}: {key!r} is a {type(value).__name__}, not a tensor")
-        shape, seen = first.setdefault(key, (value.shape, where))
+        if key not in first:
+            first[key] = (value.shape, _result_dtype(dtype, value, key, where), where)
+        shape, result, seen = first[key]
         if value.shape != shape:
             raise ValueError(
                 f"{where}: {key!r} has shape {tuple(value.shape)}, {seen} has {tuple(shape)}; the "
                 "snapshots of one reconstruction must come from one model: leave out the others"
             )
+        if value.is_complex() != result.is_complex:
+            kind, other = ("complex", "real") if value.is_complex() else ("real", "complex")
+            raise ValueError(
+                f"{where}: {key!r} is {kind}, {seen} has it {other}; the snapshots of one "
+                "reconstruction must come from one model: leave out the others"
+            )
         for out, x in zip(acc, weights.tolist()):
             if key not in out:  # float64 sums; MPS has no float64
                 wide = torch.float32 if value.device.type == "mps" else torch.float64
-                out[key] = torch.zeros_like(value, dtype=wide)
+                out[key] = torch.zeros_like(value, dtype=wide.to_complex() if value.is_complex() else wide)
             out[key].add_(value, alpha=x)
 
 
@@ -477,7 +500,9 @@ def reconstruct(
         gamma: the target exponent(s) instead of ``sigma_rel``.
         step: the target time in EMA updates; it must be the ``ema_updates`` of one snapshot.
             Default: the latest snapshot.
-        dtype: dtype of the returned tensors.
+        dtype: dtype of the returned tensors; complex shadows (of complex params) come back
+            in its complex counterpart (float32: complex64, float64: complex128), and a
+            complex dtype may be passed for the same choice. The sums are float64 (complex128).
         keys: reconstruct only these keys (each must be in every snapshot used; others are
             ignored). Default: every key, which the snapshots used must then all have. Params
             added with ``add_param_group`` appear only in the snapshots taken after they were
@@ -496,10 +521,11 @@ def reconstruct(
             snapshot time, fewer than two distinct input profiles, a singular system, or
             snapshots that are not from :func:`snapshot`, cannot be read, or disagree on their
             keys or shapes (the message names the snapshot, by index and path, and the key),
-            e.g. keys added with ``add_param_group`` (see ``keys``).
+            e.g. keys added with ``add_param_group`` (see ``keys``); a complex key with a
+            ``dtype`` that has no complex counterpart (float16, bfloat16).
     """
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex):
+        raise TypeError(f"dtype must be a floating (or complex) torch.dtype, got {dtype!r}")
     targets, many = _targets(sigma_rel, gamma)
     sources = _sources(snapshots)
     if not sources:
@@ -513,12 +539,12 @@ def reconstruct(
     keys = _wanted_keys(headers, list(dict.fromkeys(i for i, *_ in inputs)), where, keys)
     x = solve([t for *_, t, _ in inputs], [g for *_, g in inputs], [target] * len(targets), targets)
     acc: list[dict] = [{} for _ in targets]
-    first: dict = {}  # key -> (shape, where) of the first tensor summed under it
+    first: dict = {}  # key -> (shape, result dtype, where) of the first tensor summed under it
     for i in dict.fromkeys(i for i, *_ in inputs):  # by time, each once
         shadows = _load(sources[i], where[i])["shadows"]
         for row, (snap, j, _, _) in enumerate(inputs):
             if snap == i:
-                _accumulate_(acc, shadows[j], x[row], keys, f"{where[i]}, shadow {j}", first)
+                _accumulate_(acc, shadows[j], x[row], keys, f"{where[i]}, shadow {j}", first, dtype)
         del shadows  # one snapshot in memory at a time
-    result = [{key: out[key].to(dtype) for key in keys} for out in acc]
+    result = [{key: out[key].to(first[key][1]) for key in keys} for out in acc]
     return result if many else result[0]

@@ -756,6 +756,86 @@ def test_gamma_too_large_for_float64(g):
         posthoc.reconstruct([], gamma=g)
 
 
+# ---------------------------------------------------------------------------- complex params
+
+
+@pytest.fixture(scope="module")
+def complex_run():
+    """Snapshots of a complex128 param (and a real one) trained through EMAOptimizer."""
+    torch.manual_seed(0)
+    z = torch.nn.Parameter(torch.randn(6, dtype=torch.complex128))
+    r = torch.nn.Parameter(torch.randn(4, dtype=F64))
+    decay = (schedules.power(sigma_rel=0.05), schedules.power(sigma_rel=0.10))
+    opt = EMAOptimizer(torch.optim.SGD([z, r], lr=0.05, momentum=0.9), decay=decay)
+    gen = torch.Generator().manual_seed(0)
+    snaps = []
+    for n in range(1, 121):
+        z.grad = torch.randn(6, dtype=torch.complex128, generator=gen) + 0.3 * z.detach()
+        r.grad = torch.randn(4, dtype=F64, generator=gen) + 0.3 * r.detach()
+        opt.step()
+        if n % 10 == 0:
+            snaps.append(posthoc.snapshot(opt))
+    assert snaps[-1]["shadows"][0][0].dtype == torch.complex128
+    return snaps
+
+
+def test_complex_shadows_are_reconstructed(complex_run):
+    snaps = complex_run
+    target = 90
+    result = posthoc.reconstruct(snaps, 0.07, step=target, dtype=F64)
+    assert result[0].dtype == torch.complex128 and result[1].dtype == F64
+    # the formula, summed here in complex128: sum_i x_i * shadow_i over the inputs up to the target
+    inputs = [(s, k) for s in snaps if s["ema_updates"] <= target for k in range(2)]
+    x = posthoc.solve(
+        [s["ema_updates"] for s, _ in inputs],
+        [s["gamma"][k] for s, k in inputs],
+        [target],
+        [posthoc.sigma_rel_to_gamma(0.07)],
+    )[:, 0]
+    for key in (0, 1):
+        expected = sum(xi * s["shadows"][k][key] for xi, (s, k) in zip(x.tolist(), inputs))
+        torch.testing.assert_close(result[key], expected, atol=1e-12, rtol=0)
+    # linear: the real and imaginary parts reconstructed apart, as real snapshots
+    parts = [
+        {**s, "shadows": [{"re": d[0].real.clone(), "im": d[0].imag.clone()} for d in s["shadows"]]}
+        for s in snaps
+    ]
+    apart = posthoc.reconstruct(parts, 0.07, step=target, dtype=F64)
+    torch.testing.assert_close(result[0], torch.complex(apart["re"], apart["im"]), atol=1e-13, rtol=0)
+    # a tracked profile comes back as the shadow itself
+    tracked = posthoc.reconstruct(snaps, gamma=snaps[-1]["gamma"][1], dtype=F64)
+    torch.testing.assert_close(tracked[0], snaps[-1]["shadows"][1][0], atol=1e-10, rtol=0)
+
+
+def test_complex_result_dtypes(complex_run):
+    snaps = complex_run
+    wide = posthoc.reconstruct(snaps, 0.07, dtype=F64)
+    for dtype, real, cplx in [
+        (torch.float32, torch.float32, torch.complex64),  # the default
+        (torch.complex64, torch.float32, torch.complex64),
+        (F64, F64, torch.complex128),
+        (torch.complex128, F64, torch.complex128),
+    ]:
+        out = posthoc.reconstruct(snaps, 0.07, dtype=dtype)
+        assert (out[1].dtype, out[0].dtype) == (real, cplx)
+        torch.testing.assert_close(out[0], wide[0].to(cplx), atol=0, rtol=0)
+    assert posthoc.reconstruct(snaps, 0.07)[0].dtype == torch.complex64
+    for dtype in (torch.float16, torch.bfloat16):
+        with pytest.raises(ValueError, match=rf"snapshot 0, shadow 0: 0 is complex.*dtype={dtype}.*float32"):
+            posthoc.reconstruct(snaps, 0.07, dtype=dtype)
+    with pytest.raises(TypeError, match="dtype"):
+        posthoc.reconstruct(snaps, 0.07, dtype=torch.int64)
+
+
+def test_complex_and_real_under_one_key(complex_run):
+    snaps = complex_run
+    real = {**snaps[3], "shadows": [{**d, 0: d[0].real.clone()} for d in snaps[3]["shadows"]]}
+    with pytest.raises(
+        ValueError, match=r"snapshot 3, shadow 0: 0 is real, snapshot 0, shadow 0 has it complex"
+    ):
+        posthoc.reconstruct(snaps[:3] + [real], 0.07)
+
+
 # Ints beyond float64 (float() raises OverflowError) are values out of range: ValueError.
 HUGE = 10**400
 
