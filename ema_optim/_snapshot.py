@@ -66,6 +66,35 @@ def _keys(
     return {**{i: names[id(order[i])] for i in params}, **{b: buffer_names[b] for b in buffers}}
 
 
+def complex_counterpart(dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The complex dtype that goes with ``dtype`` (float32 or complex64: complex64; float64 or
+    complex128: complex128); None for float16 (torch's complex32 is experimental) and bfloat16."""
+    real = dtype.to_real()
+    return real.to_complex() if real in (torch.float32, torch.float64) else None
+
+
+def _named(k: int, key: Union[int, str]) -> str:
+    shadow = "ema" if k == 0 else f"ema_{k}"
+    return f"the shadow {shadow!r} of " + (f"param {key}" if isinstance(key, int) else repr(key))
+
+
+def _copy_dtype(value: Tensor, dtype: Optional[torch.dtype], k: int, key: Union[int, str]) -> torch.dtype:
+    """``dtype`` for a real shadow, its complex counterpart for a complex one (so that no cast
+    drops an imaginary part); the shadow dtype if ``dtype`` is None."""
+    if dtype is None:
+        return value.dtype
+    if not value.is_complex():
+        return dtype.to_real()
+    wide = complex_counterpart(dtype)
+    if wide is None:
+        raise ValueError(
+            f"snapshot(dtype={dtype}): {_named(k, key)} is complex ({value.dtype}) and {dtype} has no "
+            "complex counterpart; take the snapshot in torch.float32 (complex64 for complex shadows) "
+            "or in the shadow dtype (dtype=None)"
+        )
+    return wide
+
+
 def _copy(value: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
     return value.detach().to(dtype=dtype or value.dtype, copy=True)
 
@@ -92,11 +121,9 @@ def _check_range(copies: list[tuple[int, Union[int, str], Tensor, Tensor]], dtyp
     if bad:
         k, key, value = bad[0]
         top = _local(value).abs().max().item()
-        shadow = "ema" if k == 0 else f"ema_{k}"
-        where = f"param {key}" if isinstance(key, int) else repr(key)
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise ValueError(
-            f"snapshot(dtype={dtype}): the shadow {shadow!r} of {where}{more} holds values up to "
+            f"snapshot(dtype={dtype}): {_named(k, key)}{more} holds values up to "
             f"{top:.4g}, beyond what {dtype} can hold (max {torch.finfo(dtype).max:.6g}); they would be "
             "saved as inf. Take the snapshot in torch.bfloat16 (float32's range, half the storage) or in the "
             "shadow dtype (dtype=None)."
@@ -122,20 +149,25 @@ def snapshot(opt: Any, model: Optional[torch.nn.Module] = None, dtype: Optional[
             stopped.
         dtype: store the shadows in this dtype (``torch.float16`` halves the storage of float32
             shadows at the cost of about 3-5e-3 in the reconstruction error); default the
-            shadow dtype. The tensors are copies on the shadows' device. A value that the
-            dtype cannot hold (beyond 65504 in float16, e.g. a BatchNorm ``running_var``) is
-            refused rather than saved as inf.
+            shadow dtype. Complex shadows (of complex params) are stored in its complex
+            counterpart (float32: complex64, float64: complex128; a complex dtype may be passed
+            for the same choice); float16 and bfloat16 have none (``ValueError``). The tensors
+            are copies on the shadows' device. A value that the dtype cannot hold (beyond 65504
+            in float16, e.g. a BatchNorm ``running_var``) is refused rather than saved as inf.
 
     Returns:
         ``{"version": 1, "ema_updates": int, "gamma": [float, ...], "shadows": [{key: Tensor}, ...]}``.
 
     Raises:
         ValueError: no power shadow, no shadows yet (take snapshots after ``opt.step()``), a
-            param or averaged buffer of ``opt`` missing from ``model``, or a finite value that
-            ``dtype`` would turn into inf (the message names its key).
+            param or averaged buffer of ``opt`` missing from ``model``, a finite value that
+            ``dtype`` would turn into inf, or a complex shadow with a ``dtype`` that has no
+            complex counterpart (the message names its key).
     """
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    if dtype is not None and (
+        not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex)
+    ):
+        raise TypeError(f"dtype must be a floating (or complex) torch.dtype or None, got {dtype!r}")
     power = _power_shadows(opt)
     sd = opt.state_dict()
     # Params whose group left the EMA ("ema": False) keep their shadows as they were: stale, not
@@ -161,16 +193,19 @@ def snapshot(opt: Any, model: Optional[torch.nn.Module] = None, dtype: Optional[
         list(dict.fromkeys(i for f in found for i in f if isinstance(i, int))),
         list(dict.fromkeys(b for f in found for b in f if isinstance(b, str))),
     )
-    shadows = [{keys[i]: _copy(v, dtype) for i, v in f.items()} for f in found]
+    shadows = [
+        {keys[i]: _copy(v, _copy_dtype(v, dtype, k, keys[i])) for i, v in f.items()}
+        for (k, _), f in zip(power, found)
+    ]
     if dtype is not None:
         _check_range(
             [
                 (k, keys[i], v, copy[keys[i]])
                 for (k, _), f, copy in zip(power, found, shadows)
                 for i, v in f.items()
-                if v.dtype != dtype
+                if v.dtype != copy[keys[i]].dtype
             ],
-            dtype,
+            dtype.to_real(),
         )
     return {
         "version": VERSION,

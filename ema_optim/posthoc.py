@@ -49,7 +49,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._snapshot import VERSION, snapshot
+from ._snapshot import VERSION, complex_counterpart, snapshot
 
 __all__ = ["sigma_rel_to_gamma", "gamma_to_sigma_rel", "snapshot", "solve", "reconstruct"]
 
@@ -437,13 +437,14 @@ def _result_dtype(dtype: torch.dtype, value: Tensor, key: Any, where: str) -> to
     for a complex one (``dtype`` may name either: float32 and complex64 are the same choice)."""
     if not value.is_complex():
         return dtype.to_real()
-    if dtype.to_real() not in (torch.float32, torch.float64):
+    wide = complex_counterpart(dtype)
+    if wide is None:
         raise ValueError(
             f"{where}: {key!r} is complex ({value.dtype}) and dtype={dtype} has no complex counterpart "
             "(torch's complex32 is experimental); pass dtype=torch.float32 (complex64 for complex keys) "
             "or torch.float64 (complex128), or reconstruct the complex keys apart (keys=...)"
         )
-    return dtype.to_complex()
+    return wide
 
 
 def _accumulate_(

@@ -836,6 +836,30 @@ def test_complex_and_real_under_one_key(complex_run):
         posthoc.reconstruct(snaps[:3] + [real], 0.07)
 
 
+def test_complex_snapshot_dtype_keeps_the_imaginary_part():
+    """snapshot(dtype=float32) cast complex shadows to a real dtype: the imaginary part was lost."""
+    z = torch.nn.Parameter(torch.tensor([1 + 2j, -3 + 0.5j], dtype=torch.complex128))
+    r = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=F64))
+    decay = (schedules.power(sigma_rel=0.05), schedules.power(sigma_rel=0.10))
+    opt = EMAOptimizer(torch.optim.SGD([z, r], lr=0.1), decay=decay)
+    z.grad, r.grad = torch.ones_like(z), torch.ones_like(r)
+    opt.step()
+    for dtype, real, cplx in [
+        (torch.float32, torch.float32, torch.complex64),
+        (torch.complex64, torch.float32, torch.complex64),
+        (F64, F64, torch.complex128),
+    ]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch warns when a cast drops the imaginary part
+            snap = posthoc.snapshot(opt, dtype=dtype)
+        for k, shadow in enumerate(snap["shadows"]):
+            assert (shadow[0].dtype, shadow[1].dtype) == (cplx, real)
+            torch.testing.assert_close(shadow[0], opt.state[z]["ema" if k == 0 else "ema_1"].to(cplx))
+    for dtype in (torch.float16, torch.bfloat16):
+        with pytest.raises(ValueError, match=rf"dtype={dtype}\): the shadow 'ema' of param 0 is complex"):
+            posthoc.snapshot(opt, dtype=dtype)
+
+
 # Ints beyond float64 (float() raises OverflowError) are values out of range: ValueError.
 HUGE = 10**400
 
