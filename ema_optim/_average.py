@@ -350,6 +350,28 @@ def ema_state_dict(
     return out
 
 
+def model_names(opt: EMAOptimizer, model: nn.Module) -> tuple[dict[int, str], dict[str, str]]:
+    """The names in ``model`` of ``opt``'s averaged params and buffers: their keys in
+    ``ema_state_dict(opt, model)`` (for a tied tensor, its first), worked out the same way.
+
+    Returns ``{id(param): name}`` and ``{buffer name in the buffers= module: name}``, for
+    those of them that have shadows and that ``model`` holds. :func:`ema_optim.posthoc.snapshot`
+    keys its shadows with them, so that a reconstruction loads into ``model``.
+    """
+    layout = opt._layout()
+    tensor_of = {id(shadow): t for t, shadow in layout.pairs(0)}
+    by_tensor: dict[int, str] = {}
+    for name, shadow in _View(model, layout, 1).averaged[0]:  # a fresh view: no cache, no check
+        by_tensor.setdefault(id(tensor_of[id(shadow)]), name)
+    params = {id(p): by_tensor[id(p)] for p in layout.params if id(p) in by_tensor}
+    buffers = {}
+    if layout.buffers is not None:
+        for local, t in zip(layout.buffers.names, layout.buffer_tensors):
+            if id(t) in by_tensor:
+                buffers[local] = by_tensor[id(t)]
+    return params, buffers
+
+
 def _inside_swap(out: dict[str, Any], averaged: list[tuple[str, Tensor]], records: list) -> None:
     """The swapped shadows hold swap bookkeeping: give the average each stands for (a copy)."""
     by_shadow = {id(r.shadow): r for r in records if r.method != "copy"}  # "copy" keeps the shadow as is

@@ -7,6 +7,8 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import Tensor
 
+from ._average import model_names
+
 VERSION = 1
 
 
@@ -36,19 +38,61 @@ def _ema_updates(sd: Mapping[str, Any]) -> int:
     )
 
 
-def _param_names(opt: Any, model: Optional[torch.nn.Module]) -> dict[int, Union[int, str]]:
-    """State-dict index -> snapshot key: the param's name in ``model``, else the index itself."""
-    params = [p for g in opt.param_groups for p in g["params"]]
+def _keys(
+    opt: Any, model: Optional[torch.nn.Module], params: list[int], buffers: list[str]
+) -> dict[Union[int, str], Union[int, str]]:
+    """Snapshot key of each param (by state-dict index) and buffer (by its name in the
+    buffers= module) that has shadows: its name in ``model`` when given (its key in
+    ``ema_state_dict(opt, model)``), else the index or buffer name itself."""
     if model is None:
-        return {i: i for i in range(len(params))}
-    names = {id(p): name for name, p in model.named_parameters()}
-    missing = [i for i, p in enumerate(params) if id(p) not in names]
+        return {**{i: i for i in params}, **{b: b for b in buffers}}
+    names, buffer_names = model_names(opt, model)
+    order = [p for g in opt.param_groups for p in g["params"]]
+    missing = sorted(i for i in params if id(order[i]) not in names)
     if missing:
         raise ValueError(
             f"params {missing} of the optimizer are not parameters of the model passed to snapshot(); "
             "pass the model the optimizer trains, or model=None to key the shadows by param index"
         )
-    return {i: names[id(p)] for i, p in enumerate(params)}
+    outside = [b for b in buffers if b not in buffer_names]
+    if outside:
+        more = f" (and {len(outside) - 1} more)" if len(outside) > 1 else ""
+        raise ValueError(
+            f"the averaged buffer {outside[0]!r}{more} of the buffers= module is not in the model passed "
+            "to snapshot(), so it has no name there to be loaded under; pass the model that holds the "
+            "buffers= module too (its names key the snapshot), or model=None to key the params by index "
+            "and the buffers by their names in the buffers= module"
+        )
+    return {**{i: names[id(order[i])] for i in params}, **{b: buffer_names[b] for b in buffers}}
+
+
+def complex_counterpart(dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The complex dtype that goes with ``dtype`` (float32 or complex64: complex64; float64 or
+    complex128: complex128); None for float16 (torch's complex32 is experimental) and bfloat16."""
+    real = dtype.to_real()
+    return real.to_complex() if real in (torch.float32, torch.float64) else None
+
+
+def _named(k: int, key: Union[int, str]) -> str:
+    shadow = "ema" if k == 0 else f"ema_{k}"
+    return f"the shadow {shadow!r} of " + (f"param {key}" if isinstance(key, int) else repr(key))
+
+
+def _copy_dtype(value: Tensor, dtype: Optional[torch.dtype], k: int, key: Union[int, str]) -> torch.dtype:
+    """``dtype`` for a real shadow, its complex counterpart for a complex one (so that no cast
+    drops an imaginary part); the shadow dtype if ``dtype`` is None."""
+    if dtype is None:
+        return value.dtype
+    if not value.is_complex():
+        return dtype.to_real()
+    wide = complex_counterpart(dtype)
+    if wide is None:
+        raise ValueError(
+            f"snapshot(dtype={dtype}): {_named(k, key)} is complex ({value.dtype}) and {dtype} has no "
+            "complex counterpart; take the snapshot in torch.float32 (complex64 for complex shadows) "
+            "or in the shadow dtype (dtype=None)"
+        )
+    return wide
 
 
 def _copy(value: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
@@ -77,11 +121,9 @@ def _check_range(copies: list[tuple[int, Union[int, str], Tensor, Tensor]], dtyp
     if bad:
         k, key, value = bad[0]
         top = _local(value).abs().max().item()
-        shadow = "ema" if k == 0 else f"ema_{k}"
-        where = f"param {key}" if isinstance(key, int) else repr(key)
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise ValueError(
-            f"snapshot(dtype={dtype}): the shadow {shadow!r} of {where}{more} holds values up to "
+            f"snapshot(dtype={dtype}): {_named(k, key)}{more} holds values up to "
             f"{top:.4g}, beyond what {dtype} can hold (max {torch.finfo(dtype).max:.6g}); they would be "
             "saved as inf. Take the snapshot in torch.bfloat16 (float32's range, half the storage) or in the "
             "shadow dtype (dtype=None)."
@@ -98,53 +140,73 @@ def snapshot(opt: Any, model: Optional[torch.nn.Module] = None, dtype: Optional[
         opt: an :class:`~ema_optim.EMAOptimizer` with one or more ``schedules.power`` shadows.
             Other shadows are left out. Offloaded updates are waited for; inside
             ``swap_ema_weights()`` the shadows are still the averages.
-        model: if given, the shadows are keyed by the names of its parameters (so the
-            reconstruction loads with ``model.load_state_dict(result, strict=False)``);
-            otherwise by the param indices of ``opt.state_dict()``. Averaged buffers are
-            keyed by their buffer names either way. Params of a group turned out of the EMA
-            (``"ema": False``) are left out: their shadows stopped.
+        model: if given, the shadows are keyed by their names in ``model``, params and
+            averaged buffers alike (the keys of ``ema_state_dict(opt, model)``, so the
+            reconstruction loads with ``model.load_state_dict(result, strict=False)``, also
+            when ``buffers=`` was a submodule); otherwise params by the indices of
+            ``opt.state_dict()`` and buffers by their names in the ``buffers=`` module. Params
+            of a group turned out of the EMA (``"ema": False``) are left out: their shadows
+            stopped.
         dtype: store the shadows in this dtype (``torch.float16`` halves the storage of float32
             shadows at the cost of about 3-5e-3 in the reconstruction error); default the
-            shadow dtype. The tensors are copies on the shadows' device. A value that the
-            dtype cannot hold (beyond 65504 in float16, e.g. a BatchNorm ``running_var``) is
-            refused rather than saved as inf.
+            shadow dtype. Complex shadows (of complex params) are stored in its complex
+            counterpart (float32: complex64, float64: complex128; a complex dtype may be passed
+            for the same choice); float16 and bfloat16 have none (``ValueError``). The tensors
+            are copies on the shadows' device. A value that the dtype cannot hold (beyond 65504
+            in float16, e.g. a BatchNorm ``running_var``) is refused rather than saved as inf.
 
     Returns:
         ``{"version": 1, "ema_updates": int, "gamma": [float, ...], "shadows": [{key: Tensor}, ...]}``.
 
     Raises:
         ValueError: no power shadow, no shadows yet (take snapshots after ``opt.step()``), a
-            param of ``opt`` missing from ``model``, or a finite value that ``dtype`` would turn
-            into inf (the message names its key).
+            param or averaged buffer of ``opt`` missing from ``model``, a finite value that
+            ``dtype`` would turn into inf, or a complex shadow with a ``dtype`` that has no
+            complex counterpart (the message names its key).
     """
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    if dtype is not None and (
+        not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex)
+    ):
+        raise TypeError(f"dtype must be a floating (or complex) torch.dtype or None, got {dtype!r}")
     power = _power_shadows(opt)
     sd = opt.state_dict()
-    names = _param_names(opt, model)
     # Params whose group left the EMA ("ema": False) keep their shadows as they were: stale, not
     # the power EMA at ema_updates, so they are left out (buffer shadows go with the EMA anyway).
     stale = {i for g in sd["param_groups"] if g.get("ema", True) is False for i in g.get("params", ())}
-    shadows: list[dict[Union[int, str], Tensor]] = []
-    copies: list[tuple[int, Union[int, str], Tensor, Tensor]] = []  # (shadow, key, value, copy)
+    found: list[dict[Union[int, str], Tensor]] = []  # per power shadow: by param index or buffer name
     for k, _ in power:
         key = "ema" if k == 0 else f"ema_{k}"
-        found: dict[Union[int, str], Tensor] = {}  # by param name or index
-        buffers: dict[Union[int, str], Tensor] = {}  # a buffer's shadows, by buffer name
+        params: dict[Union[int, str], Tensor] = {}
+        buffers: dict[Union[int, str], Tensor] = {}
         for i, s in sd["state"].items():
             for name, value in s.items() if isinstance(s, Mapping) else ():
                 if name == key and i not in stale:
-                    found[names[i]] = _copy(value, dtype)
-                    copies.append((k, names[i], value, found[names[i]]))
+                    params[i] = value
                 elif isinstance(name, str) and name.startswith(key + ":"):  # a buffer's shadow
-                    buffer = name[len(key) + 1 :]
-                    buffers[buffer] = _copy(value, dtype)
-                    copies.append((k, buffer, value, buffers[buffer]))
-        shadows.append({**found, **buffers})
-    if not any(shadows):
+                    buffers[name[len(key) + 1 :]] = value
+        found.append({**params, **buffers})
+    if not any(found):
         raise ValueError("the optimizer has no shadows yet; take snapshots after opt.step()")
+    keys = _keys(
+        opt,
+        model,
+        list(dict.fromkeys(i for f in found for i in f if isinstance(i, int))),
+        list(dict.fromkeys(b for f in found for b in f if isinstance(b, str))),
+    )
+    shadows = [
+        {keys[i]: _copy(v, _copy_dtype(v, dtype, k, keys[i])) for i, v in f.items()}
+        for (k, _), f in zip(power, found)
+    ]
     if dtype is not None:
-        _check_range([c for c in copies if c[2].dtype != dtype], dtype)
+        _check_range(
+            [
+                (k, keys[i], v, copy[keys[i]])
+                for (k, _), f, copy in zip(power, found, shadows)
+                for i, v in f.items()
+                if v.dtype != copy[keys[i]].dtype
+            ],
+            dtype.to_real(),
+        )
     return {
         "version": VERSION,
         "ema_updates": _ema_updates(sd),

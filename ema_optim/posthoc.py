@@ -49,7 +49,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._snapshot import VERSION, snapshot
+from ._snapshot import VERSION, complex_counterpart, snapshot
 
 __all__ = ["sigma_rel_to_gamma", "gamma_to_sigma_rel", "snapshot", "solve", "reconstruct"]
 
@@ -67,13 +67,41 @@ Snapshot = Union[Mapping[str, Any], str, "os.PathLike[str]"]
 # ---------------------------------------------------------------------------- gamma <-> sigma_rel
 
 
-def _check_number(name: str, value: object) -> float:
+def _real(name: str, value: object, error: type[Exception] = TypeError, accepted: str = "") -> float:
+    """``value`` as a float; ``error`` (TypeError for an argument, ValueError for a field of a
+    snapshot) if it is not a real number. One beyond float64's range (an int such as
+    ``10 ** 400``, where ``float()`` raises OverflowError) is out of range: ValueError, which
+    names the ``accepted`` range if given."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+        raise error(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        return float(value)
+    except OverflowError:
+        size = f"about 1e+{math.log10(abs(value)):.0f}" if isinstance(value, numbers.Integral) else "huge"
+        raise ValueError(
+            f"{name} is out of range: its magnitude ({size}) is beyond float64's (about 1.8e+308)"
+            + (f"; it must be in {accepted}" if accepted else "")
+        ) from None
+
+
+def _check_number(name: str, value: object, error: type[Exception] = TypeError, accepted: str = "") -> float:
+    value = _real(name, value, error, accepted)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
+
+
+def _check_gamma(name: str, value: object, error: type[Exception] = TypeError) -> float:
+    """A gamma in ``[0, GAMMA_MAX]``; ``error`` for a value that is not a number (see :func:`_real`)."""
+    g = _check_number(name, value, error, accepted=f"[0, {GAMMA_MAX:g}]")
+    if g < 0.0:
+        raise ValueError(f"{name} must be >= 0, got {g} (gamma = 0 is the arithmetic mean)")
+    if g > GAMMA_MAX:
+        raise ValueError(
+            f"{name}={g:g} is too large to compute with: use gamma <= {GAMMA_MAX:g} (sigma_rel >= "
+            f"{SIGMA_REL_MIN:g}), beyond which float64 overflows{_TOO_SHORT}"
+        )
+    return g
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
@@ -93,7 +121,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
         >>> round(sigma_rel_to_gamma(0.05), 6), round(sigma_rel_to_gamma(0.10), 6)
         (16.972199, 6.937204)
     """
-    s = _check_number("sigma_rel", sigma_rel)
+    s = _check_number("sigma_rel", sigma_rel, accepted=f"[{SIGMA_REL_MIN:g}, 12 ** -0.5]")
     if not 0.0 < s <= SIGMA_REL_MAX:
         raise ValueError(
             f"sigma_rel must be in (0, 12 ** -0.5 = {SIGMA_REL_MAX:.6f}], got {s}; "
@@ -131,14 +159,7 @@ def gamma_to_sigma_rel(gamma: float) -> float:
         >>> gamma_to_sigma_rel(0.0) == 12 ** -0.5
         True
     """
-    g = _check_number("gamma", gamma)
-    if g < 0.0:
-        raise ValueError(f"gamma must be >= 0, got {g} (gamma = 0 is the arithmetic mean)")
-    if g > GAMMA_MAX:
-        raise ValueError(
-            f"gamma={g:g} is too large to compute with: use gamma <= {GAMMA_MAX:g} (sigma_rel >= "
-            f"{SIGMA_REL_MIN:g}), beyond which float64 overflows{_TOO_SHORT}"
-        )
+    g = _check_gamma("gamma", gamma)
     return math.sqrt((g + 1.0) / ((g + 2.0) ** 2 * (g + 3.0)))
 
 
@@ -148,6 +169,8 @@ def gamma_to_sigma_rel(gamma: float) -> float:
 def _as_float64(name: str, values: Any) -> Tensor:
     try:
         out = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    except OverflowError:  # a Python int beyond float64
+        raise ValueError(f"{name} is out of range: a value is beyond float64's (about 1.8e+308)") from None
     except (TypeError, ValueError, RuntimeError) as err:
         raise TypeError(f"{name} must be a sequence of numbers, got {type(values).__name__}") from err
     if not torch.isfinite(out).all():
@@ -305,7 +328,7 @@ def _header(snap: Mapping[str, Any], where: str) -> tuple[int, list[float], list
     keys = list(shadows[0])
     if any(set(s) != set(keys) for s in shadows):
         raise ValueError(f"{where}: its shadows do not all have the same keys")
-    return t, [float(g) for g in gammas], keys
+    return t, [_check_gamma(f"{where}: 'gamma'[{j}]", g, ValueError) for j, g in enumerate(gammas)], keys
 
 
 def _targets(sigma_rel: Any, gamma: Any) -> tuple[list[float], bool]:
@@ -319,9 +342,7 @@ def _targets(sigma_rel: Any, gamma: Any) -> tuple[list[float], bool]:
         raise ValueError("the list of targets is empty")
     if gamma is None:
         return [sigma_rel_to_gamma(v) for v in values], many
-    for g in values:
-        gamma_to_sigma_rel(g)  # checks it
-    return [float(g) for g in values], many
+    return [_check_gamma("gamma", g) for g in values], many
 
 
 def _target_step(times: list[int], step: Any) -> int:
@@ -411,25 +432,49 @@ def _wanted_keys(
     return list(latest)
 
 
+def _result_dtype(dtype: torch.dtype, value: Tensor, key: Any, where: str) -> torch.dtype:
+    """The dtype of ``key``'s result: ``dtype`` for a real tensor, its complex counterpart
+    for a complex one (``dtype`` may name either: float32 and complex64 are the same choice)."""
+    if not value.is_complex():
+        return dtype.to_real()
+    wide = complex_counterpart(dtype)
+    if wide is None:
+        raise ValueError(
+            f"{where}: {key!r} is complex ({value.dtype}) and dtype={dtype} has no complex counterpart "
+            "(torch's complex32 is experimental); pass dtype=torch.float32 (complex64 for complex keys) "
+            "or torch.float64 (complex128), or reconstruct the complex keys apart (keys=...)"
+        )
+    return wide
+
+
 def _accumulate_(
-    acc: list[dict], shadow: Mapping, weights: Tensor, keys: list, where: str, first: dict
+    acc: list[dict], shadow: Mapping, weights: Tensor, keys: list, where: str, first: dict, dtype: torch.dtype
 ) -> None:
-    """Add ``weights[j] * shadow`` into target ``j``'s sums. ``first`` keeps, per key, the shape
-    and the place of the first tensor summed under it, to name both when another differs."""
+    """Add ``weights[j] * shadow`` into target ``j``'s sums (float64, complex128 for a complex
+    tensor). ``first`` keeps, per key, the shape, the result dtype and the place of the first
+    tensor summed under it, to name both when another differs."""
     for key in keys:
         value = shadow[key]
         if not isinstance(value, Tensor):
             raise ValueError(f"{where}: {key!r} is a {type(value).__name__}, not a tensor")
-        shape, seen = first.setdefault(key, (value.shape, where))
+        if key not in first:
+            first[key] = (value.shape, _result_dtype(dtype, value, key, where), where)
+        shape, result, seen = first[key]
         if value.shape != shape:
             raise ValueError(
                 f"{where}: {key!r} has shape {tuple(value.shape)}, {seen} has {tuple(shape)}; the "
                 "snapshots of one reconstruction must come from one model: leave out the others"
             )
+        if value.is_complex() != result.is_complex:
+            kind, other = ("complex", "real") if value.is_complex() else ("real", "complex")
+            raise ValueError(
+                f"{where}: {key!r} is {kind}, {seen} has it {other}; the snapshots of one "
+                "reconstruction must come from one model: leave out the others"
+            )
         for out, x in zip(acc, weights.tolist()):
             if key not in out:  # float64 sums; MPS has no float64
                 wide = torch.float32 if value.device.type == "mps" else torch.float64
-                out[key] = torch.zeros_like(value, dtype=wide)
+                out[key] = torch.zeros_like(value, dtype=wide.to_complex() if value.is_complex() else wide)
             out[key].add_(value, alpha=x)
 
 
@@ -456,7 +501,9 @@ def reconstruct(
         gamma: the target exponent(s) instead of ``sigma_rel``.
         step: the target time in EMA updates; it must be the ``ema_updates`` of one snapshot.
             Default: the latest snapshot.
-        dtype: dtype of the returned tensors.
+        dtype: dtype of the returned tensors; complex shadows (of complex params) come back
+            in its complex counterpart (float32: complex64, float64: complex128), and a
+            complex dtype may be passed for the same choice. The sums are float64 (complex128).
         keys: reconstruct only these keys (each must be in every snapshot used; others are
             ignored). Default: every key, which the snapshots used must then all have. Params
             added with ``add_param_group`` appear only in the snapshots taken after they were
@@ -475,10 +522,11 @@ def reconstruct(
             snapshot time, fewer than two distinct input profiles, a singular system, or
             snapshots that are not from :func:`snapshot`, cannot be read, or disagree on their
             keys or shapes (the message names the snapshot, by index and path, and the key),
-            e.g. keys added with ``add_param_group`` (see ``keys``).
+            e.g. keys added with ``add_param_group`` (see ``keys``); a complex key with a
+            ``dtype`` that has no complex counterpart (float16, bfloat16).
     """
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex):
+        raise TypeError(f"dtype must be a floating (or complex) torch.dtype, got {dtype!r}")
     targets, many = _targets(sigma_rel, gamma)
     sources = _sources(snapshots)
     if not sources:
@@ -492,12 +540,12 @@ def reconstruct(
     keys = _wanted_keys(headers, list(dict.fromkeys(i for i, *_ in inputs)), where, keys)
     x = solve([t for *_, t, _ in inputs], [g for *_, g in inputs], [target] * len(targets), targets)
     acc: list[dict] = [{} for _ in targets]
-    first: dict = {}  # key -> (shape, where) of the first tensor summed under it
+    first: dict = {}  # key -> (shape, result dtype, where) of the first tensor summed under it
     for i in dict.fromkeys(i for i, *_ in inputs):  # by time, each once
         shadows = _load(sources[i], where[i])["shadows"]
         for row, (snap, j, _, _) in enumerate(inputs):
             if snap == i:
-                _accumulate_(acc, shadows[j], x[row], keys, f"{where[i]}, shadow {j}", first)
+                _accumulate_(acc, shadows[j], x[row], keys, f"{where[i]}, shadow {j}", first, dtype)
         del shadows  # one snapshot in memory at a time
-    result = [{key: out[key].to(dtype) for key in keys} for out in acc]
+    result = [{key: out[key].to(first[key][1]) for key in keys} for out in acc]
     return result if many else result[0]

@@ -21,7 +21,7 @@ import math
 import numbers
 from typing import Callable
 
-from .posthoc import gamma_to_sigma_rel, sigma_rel_to_gamma
+from .posthoc import _real, gamma_to_sigma_rel, sigma_rel_to_gamma
 
 __all__ = ["warmup", "polyak", "half_life", "linear", "cosine", "power", "scaled"]
 
@@ -29,11 +29,10 @@ Schedule = Callable[[int], float]
 
 
 def _check_real(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = _real(name, value)  # an int beyond float64 (10 ** 400): ValueError, not OverflowError
     if math.isnan(value):
         raise ValueError(f"{name} must not be NaN")
-    return float(value)
+    return value
 
 
 def _check_decay(name: str, value: object) -> float:

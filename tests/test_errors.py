@@ -62,6 +62,11 @@ SCHEDULE_ERRORS = [
     (lambda: schedules.cosine(0.5, 0.9, 0), ValueError),
     (lambda: schedules.linear(0.5, math.nan, 3), ValueError),
     (lambda: schedules.linear(0.5, 0.9, 2.5), TypeError),
+    # ints beyond float64 (float() raises OverflowError): out of range all the same
+    (lambda: schedules.half_life(10**400), ValueError),
+    (lambda: schedules.warmup(power=10**400), ValueError),
+    (lambda: schedules.warmup(inv_gamma=-(10**400)), ValueError),
+    (lambda: schedules.linear(0.5, 10**400, 3), ValueError),
 ]
 
 

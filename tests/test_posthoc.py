@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import ema_optim
 import ema_optim.posthoc as posthoc
 from ema_optim import EMAOptimizer, schedules
 
@@ -425,8 +426,9 @@ def test_snapshots_through_distributed_checkpoint(run, tmp_path):
 
 
 class FakeOptimizer:
-    """The surface snapshot() reads: decay, param_groups and state_dict(), whose first param's
-    state carries the buffer shadows as EMAOptimizer keeps them (``"ema_k:<buffer name>"``)."""
+    """The surface snapshot(opt) reads without a model: decay, param_groups and state_dict(), whose
+    first param's state carries the buffer shadows as EMAOptimizer keeps them (``"ema_k:<buffer
+    name>"``). With a model it names them as ema_state_dict does, which needs an EMAOptimizer."""
 
     def __init__(self, params, decay, buffers=None):
         self.decay = decay
@@ -456,15 +458,14 @@ def test_snapshot_format_from_several_shadows():
     params = list(model.parameters())
     decay = (0.999, schedules.power(sigma_rel=0.05), schedules.warmup(), schedules.power(gamma=3.0))
     opt = FakeOptimizer(params, decay, buffers={"1.running_mean": torch.ones(2)})
-    snap = posthoc.snapshot(opt, model)
+    snap = posthoc.snapshot(opt)  # by param index; by name: test_snapshot_of_a_real_optimizer
     assert snap["version"] == 1 and snap["ema_updates"] == 12 and isinstance(snap["ema_updates"], int)
     assert snap["gamma"] == [decay[1].gamma, 3.0]
-    names = [n for n, _ in model.named_parameters()]
     for shadow, k in zip(snap["shadows"], (1, 3)):
-        assert list(shadow) == names + ["1.running_mean"]
-        for i, name in enumerate(names):
-            torch.testing.assert_close(shadow[name], params[i].detach() + k, atol=0, rtol=0)
-            assert shadow[name].data_ptr() != opt.state[i][f"ema_{k}"].data_ptr()  # a copy
+        assert list(shadow) == [0, 1, 2, 3, "1.running_mean"]
+        for i in range(4):
+            torch.testing.assert_close(shadow[i], params[i].detach() + k, atol=0, rtol=0)
+            assert shadow[i].data_ptr() != opt.state[i][f"ema_{k}"].data_ptr()  # a copy
         torch.testing.assert_close(shadow["1.running_mean"], torch.full((2,), 1.0 + k))
     by_index = posthoc.snapshot(opt, dtype=torch.float16)
     assert list(by_index["shadows"][0]) == [0, 1, 2, 3, "1.running_mean"]
@@ -755,6 +756,153 @@ def test_gamma_too_large_for_float64(g):
         posthoc.reconstruct([], gamma=g)
 
 
+# ---------------------------------------------------------------------------- complex params
+
+
+@pytest.fixture(scope="module")
+def complex_run():
+    """Snapshots of a complex128 param (and a real one) trained through EMAOptimizer."""
+    torch.manual_seed(0)
+    z = torch.nn.Parameter(torch.randn(6, dtype=torch.complex128))
+    r = torch.nn.Parameter(torch.randn(4, dtype=F64))
+    decay = (schedules.power(sigma_rel=0.05), schedules.power(sigma_rel=0.10))
+    opt = EMAOptimizer(torch.optim.SGD([z, r], lr=0.05, momentum=0.9), decay=decay)
+    gen = torch.Generator().manual_seed(0)
+    snaps = []
+    for n in range(1, 121):
+        z.grad = torch.randn(6, dtype=torch.complex128, generator=gen) + 0.3 * z.detach()
+        r.grad = torch.randn(4, dtype=F64, generator=gen) + 0.3 * r.detach()
+        opt.step()
+        if n % 10 == 0:
+            snaps.append(posthoc.snapshot(opt))
+    assert snaps[-1]["shadows"][0][0].dtype == torch.complex128
+    return snaps
+
+
+def test_complex_shadows_are_reconstructed(complex_run):
+    snaps = complex_run
+    target = 90
+    result = posthoc.reconstruct(snaps, 0.07, step=target, dtype=F64)
+    assert result[0].dtype == torch.complex128 and result[1].dtype == F64
+    # the formula, summed here in complex128: sum_i x_i * shadow_i over the inputs up to the target
+    inputs = [(s, k) for s in snaps if s["ema_updates"] <= target for k in range(2)]
+    x = posthoc.solve(
+        [s["ema_updates"] for s, _ in inputs],
+        [s["gamma"][k] for s, k in inputs],
+        [target],
+        [posthoc.sigma_rel_to_gamma(0.07)],
+    )[:, 0]
+    for key in (0, 1):
+        expected = sum(xi * s["shadows"][k][key] for xi, (s, k) in zip(x.tolist(), inputs))
+        torch.testing.assert_close(result[key], expected, atol=1e-12, rtol=0)
+    # linear: the real and imaginary parts reconstructed apart, as real snapshots
+    parts = [
+        {**s, "shadows": [{"re": d[0].real.clone(), "im": d[0].imag.clone()} for d in s["shadows"]]}
+        for s in snaps
+    ]
+    apart = posthoc.reconstruct(parts, 0.07, step=target, dtype=F64)
+    torch.testing.assert_close(result[0], torch.complex(apart["re"], apart["im"]), atol=1e-13, rtol=0)
+    # a tracked profile comes back as the shadow itself
+    tracked = posthoc.reconstruct(snaps, gamma=snaps[-1]["gamma"][1], dtype=F64)
+    torch.testing.assert_close(tracked[0], snaps[-1]["shadows"][1][0], atol=1e-10, rtol=0)
+
+
+def test_complex_result_dtypes(complex_run):
+    snaps = complex_run
+    wide = posthoc.reconstruct(snaps, 0.07, dtype=F64)
+    for dtype, real, cplx in [
+        (torch.float32, torch.float32, torch.complex64),  # the default
+        (torch.complex64, torch.float32, torch.complex64),
+        (F64, F64, torch.complex128),
+        (torch.complex128, F64, torch.complex128),
+    ]:
+        out = posthoc.reconstruct(snaps, 0.07, dtype=dtype)
+        assert (out[1].dtype, out[0].dtype) == (real, cplx)
+        torch.testing.assert_close(out[0], wide[0].to(cplx), atol=0, rtol=0)
+    assert posthoc.reconstruct(snaps, 0.07)[0].dtype == torch.complex64
+    for dtype in (torch.float16, torch.bfloat16):
+        with pytest.raises(ValueError, match=rf"snapshot 0, shadow 0: 0 is complex.*dtype={dtype}.*float32"):
+            posthoc.reconstruct(snaps, 0.07, dtype=dtype)
+    with pytest.raises(TypeError, match="dtype"):
+        posthoc.reconstruct(snaps, 0.07, dtype=torch.int64)
+
+
+def test_complex_and_real_under_one_key(complex_run):
+    snaps = complex_run
+    real = {**snaps[3], "shadows": [{**d, 0: d[0].real.clone()} for d in snaps[3]["shadows"]]}
+    with pytest.raises(
+        ValueError, match=r"snapshot 3, shadow 0: 0 is real, snapshot 0, shadow 0 has it complex"
+    ):
+        posthoc.reconstruct(snaps[:3] + [real], 0.07)
+
+
+def test_complex_snapshot_dtype_keeps_the_imaginary_part():
+    """snapshot(dtype=float32) cast complex shadows to a real dtype: the imaginary part was lost."""
+    z = torch.nn.Parameter(torch.tensor([1 + 2j, -3 + 0.5j], dtype=torch.complex128))
+    r = torch.nn.Parameter(torch.tensor([1.0, 2.0], dtype=F64))
+    decay = (schedules.power(sigma_rel=0.05), schedules.power(sigma_rel=0.10))
+    opt = EMAOptimizer(torch.optim.SGD([z, r], lr=0.1), decay=decay)
+    z.grad, r.grad = torch.ones_like(z), torch.ones_like(r)
+    opt.step()
+    for dtype, real, cplx in [
+        (torch.float32, torch.float32, torch.complex64),
+        (torch.complex64, torch.float32, torch.complex64),
+        (F64, F64, torch.complex128),
+    ]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # torch warns when a cast drops the imaginary part
+            snap = posthoc.snapshot(opt, dtype=dtype)
+        for k, shadow in enumerate(snap["shadows"]):
+            assert (shadow[0].dtype, shadow[1].dtype) == (cplx, real)
+            torch.testing.assert_close(shadow[0], opt.state[z]["ema" if k == 0 else "ema_1"].to(cplx))
+    for dtype in (torch.float16, torch.bfloat16):
+        with pytest.raises(ValueError, match=rf"dtype={dtype}\): the shadow 'ema' of param 0 is complex"):
+            posthoc.snapshot(opt, dtype=dtype)
+
+
+# Ints beyond float64 (float() raises OverflowError) are values out of range: ValueError.
+HUGE = 10**400
+
+
+@pytest.mark.parametrize("value", [HUGE, -HUGE])
+def test_ints_beyond_float64_are_a_value_error(value):
+    with pytest.raises(ValueError, match=r"^sigma_rel .*float64.*1e-100, 12 \*\* -0\.5"):
+        posthoc.sigma_rel_to_gamma(value)
+    with pytest.raises(ValueError, match=r"^gamma .*float64.*\[0, 1e\+100\]"):
+        posthoc.gamma_to_sigma_rel(value)
+    with pytest.raises(ValueError, match=r"^gamma .*float64"):
+        posthoc.reconstruct([], gamma=[1.0, value])
+    with pytest.raises(ValueError, match=r"^sigma_rel .*float64"):
+        posthoc.reconstruct([], sigma_rel=value)
+    with pytest.raises(ValueError, match=r"^t_in .*float64"):
+        posthoc.solve([100, value], [1.0, 2.0], [100], [1.0])
+    with pytest.raises(ValueError, match=r"^gamma_out .*float64"):
+        posthoc.solve([100, 200], [1.0, 2.0], [100], [value])
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (HUGE, r"'gamma'\[1\] .*float64"),
+        ("abc", r"'gamma'\[1\] must be a real number, got str"),
+        (None, r"'gamma'\[1\] must be a real number, got NoneType"),
+        (True, r"'gamma'\[1\] must be a real number, got bool"),
+        (-1.0, r"'gamma'\[1\] must be >= 0, got -1\.0"),
+        (float("nan"), r"'gamma'\[1\] must be finite, got nan"),
+        (1e101, r"'gamma'\[1\]=1e\+101 is too large .*1e\+100"),
+    ],
+)
+def test_a_malformed_snapshot_gamma_is_named(run, tmp_path, bad, match):
+    _, _, snaps = run
+    s = snaps[2]
+    bad_snap = {**s, "gamma": [s["gamma"][0], bad]}
+    with pytest.raises(ValueError, match=r"^snapshot 2: " + match):
+        posthoc.reconstruct([snaps[0], snaps[1], bad_snap], 0.1)
+    torch.save(bad_snap, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=rf"^snapshot 0 \({tmp_path / 'bad.pt'}\): " + match):
+        posthoc.reconstruct([tmp_path / "bad.pt", snaps[0], snaps[1]], 0.1)
+
+
 # ---------------------------------------------------------------------------- params added later
 
 
@@ -873,3 +1021,58 @@ def test_a_group_that_left_the_ema_is_left_out_of_snapshots():
     with pytest.raises(ValueError, match=r"snapshot 0 has the key '2\.weight'.*'ema': False.*keys="):
         posthoc.reconstruct(snaps, 0.08)
     assert set(posthoc.reconstruct(snaps, 0.08, keys=["0.weight", "0.bias"])) == {"0.weight", "0.bias"}
+
+
+# ---------------------------------------------------------------------------- snapshot: buffers= a submodule
+
+
+def test_buffer_keys_are_their_names_in_the_model():
+    """buffers= a submodule: the buffer shadows are keyed by their names in ``model`` (as in
+    ema_state_dict), not in the buffers= module, whose "0.running_mean" is model[0]'s."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 4), torch.nn.Sequential(torch.nn.BatchNorm1d(4))
+    ).double()
+    decay = (schedules.power(sigma_rel=0.05), schedules.power(sigma_rel=0.10))
+    opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), decay=decay, buffers=model[2])
+    gen = torch.Generator().manual_seed(0)
+    snaps, by_index = [], []
+    for n in range(1, 13):
+        model(3 * torch.randn(8, 4, generator=gen, dtype=F64) + 2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        if n % 3 == 0:
+            snaps.append(posthoc.snapshot(opt, model))
+            by_index.append(posthoc.snapshot(opt))
+    averaged = ["2.0.running_mean", "2.0.running_var"]
+    names = [n for n, _ in model.named_parameters()] + averaged
+    assert [list(s) for s in snaps[-1]["shadows"]] == [names, names]
+    for k, shadow in enumerate(snaps[-1]["shadows"]):  # the keys of ema_state_dict, the same values
+        avg = ema_optim.ema_state_dict(opt, model, index=k)
+        torch.testing.assert_close(shadow, {name: avg[name] for name in shadow}, atol=0, rtol=0)
+    assert list(by_index[-1]["shadows"][0])[-2:] == ["0.running_mean", "0.running_var"]  # the buffers= names
+    result = posthoc.reconstruct(snaps, 0.07, dtype=F64)
+    reference = posthoc.reconstruct(by_index, 0.07, dtype=F64)
+    for name in averaged:
+        torch.testing.assert_close(result[name], reference[name[2:]], atol=0, rtol=0)
+    live = model[0].running_mean.clone()
+    missing, unexpected = model.load_state_dict(result, strict=False)
+    assert missing == ["0.running_mean", "0.running_var"] and not unexpected
+    torch.testing.assert_close(model[2][0].running_mean, result["2.0.running_mean"], atol=0, rtol=0)
+    torch.testing.assert_close(model[0].running_mean, live, atol=0, rtol=0)  # not averaged: untouched
+
+
+def test_buffers_outside_the_model_are_refused_by_name():
+    torch.manual_seed(0)
+    model, norm = torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)
+    decay = (schedules.power(sigma_rel=0.05), schedules.power(sigma_rel=0.10))
+    opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), decay=decay, buffers=norm)
+    norm(model(torch.randn(8, 3))).sum().backward()
+    opt.step()
+    refused = r"'running_mean' \(and 1 more\) of the buffers= module .*not in the model .*model=None"
+    with pytest.raises(ValueError, match=refused):
+        posthoc.snapshot(opt, model)
+    assert list(posthoc.snapshot(opt)["shadows"][0]) == [0, 1, "running_mean", "running_var"]
+    whole = torch.nn.Sequential(model, norm)  # the model that holds both: keyed by its names
+    keys = ["0.weight", "0.bias", "1.running_mean", "1.running_var"]
+    assert list(posthoc.snapshot(opt, whole)["shadows"][0]) == keys

@@ -118,3 +118,18 @@ def test_the_extremes_that_are_allowed():
     for d in (schedules.power(gamma=1e100), schedules.power(sigma_rel=1e-100)):
         assert d.gamma == pytest.approx(1e100, rel=1e-12) and d.sigma_rel == pytest.approx(1e-100, rel=1e-12)
         assert d(0) == 0.0 and d(10**6) == 0.0  # the average is the latest weights
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"gamma": 10**400}, r"^gamma .*float64"),
+        ({"gamma": -(10**400)}, r"^gamma .*float64"),
+        ({"sigma_rel": 10**400}, r"^sigma_rel .*float64"),
+        ({"sigma_rel": -(10**400)}, r"^sigma_rel .*float64"),
+    ],
+)
+def test_ints_beyond_float64_are_a_value_error(kwargs, match):
+    """float() of such an int raises OverflowError: the value is out of range all the same."""
+    with pytest.raises(ValueError, match=match):
+        schedules.power(**kwargs)
