@@ -78,8 +78,8 @@ def check(
 
 def check_record(saved_groups: Sequence[Any], decays: Sequence[Any]) -> list[str]:
     """The saved decay record against this optimizer's (``decays``). A ``schedules.power`` shadow
-    saved with another gamma, or with another kind of decay, is refused: its post-hoc snapshots
-    would be labelled with the wrong profile. Another changed decay is returned as a note for a
+    saved with another gamma, or with a constant decay, is refused: its post-hoc snapshots would
+    be labelled with the wrong profile. Another changed decay is returned as a note for a
     warning. A dict saved before the record existed has none: nothing to compare."""
     saved = next(
         (g[RECORD] for g in saved_groups if isinstance(g, Mapping) and g.get(RECORD) is not None), None
@@ -101,7 +101,8 @@ def check_record(saved_groups: Sequence[Any], decays: Sequence[Any]) -> list[str
         if _same_decay(was, now):
             continue
         where = f"shadow {k} ({_shadows.key(k)!r})"
-        if isinstance(now, Mapping):  # a power shadow that was not saved as this profile
+        if isinstance(now, Mapping) and was is not None:  # a power shadow saved as another decay
+            # (None: a schedule that cannot be described, possibly this profile: polyak() is gamma 0)
             order = ", ".join(map(_describe_decay, saved))
             raise ValueError(
                 f"{where} was saved as {_describe_decay(was)}, this optimizer's decay[{k}] is "

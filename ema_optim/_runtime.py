@@ -240,8 +240,8 @@ class Runtime:
         self, inner: Optimizer, sd: Any, buffers: Optional[_shadows.Buffers]
     ) -> Optional[dict]:
         """Refuse, with nothing changed, what the wrapper's own load refuses outright (a power
-        shadow saved as another decay, more shadows than this optimizer keeps, shadows of
-        buffers it does not average); warn of a changed decay (before anything changes, as
+        shadow saved with another gamma or a constant decay, more shadows than this optimizer
+        keeps, shadows of buffers it does not average); warn of a changed decay (before anything changes, as
         the wrapper's load does); keep from torch's load the shadows it would break
         (``_state_dict.hold_back``) and the groups' ``"ema"`` flags a dict without them would
         drop."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Mapping
 from functools import partial
 from typing import Any, Callable, DefaultDict, Iterator, Optional, Sequence, Union
@@ -19,7 +20,8 @@ __all__ = ["EMAOptimizer"]
 # What torch.amp.GradScaler sets on the optimizer it steps when _step_supports_amp_scaling is
 # true (and deletes after the step); forwarded to the inner optimizer.
 _GRAD_SCALE, _FOUND_INF = "grad_scale", "found_inf"
-_HOOKS = "_ema_optim_hooks"  # on the inner optimizer: the handles of the hooks of the wrapper around it
+# Per inner optimizer, the handles of the hooks of the wrapper around it now (see _runtime).
+_HOOKS: weakref.WeakKeyDictionary[Optimizer, tuple[Any, ...]] = weakref.WeakKeyDictionary()
 
 
 class EMAOptimizer(Optimizer):
@@ -260,19 +262,18 @@ class EMAOptimizer(Optimizer):
             rt.counters = counters
         # Closures over the runtime, not the wrapper: the inner optimizer does not keep it alive.
         # It holds one set of them, this wrapper's: one that wrapped it before (a notebook cell
-        # run twice, `EMAOptimizer(opt.optimizer, ...)`) would save its own counters.
-        for handle in getattr(inner, _HOOKS, ()):
+        # run twice, `EMAOptimizer(opt.optimizer, ...)`) would save its own counters. Each runs
+        # for this inner optimizer only (a copy of one may share its hook registries).
+        for handle in _HOOKS.pop(inner, ()):
             handle.remove()
-        setattr(
-            inner,
-            _HOOKS,
-            (
-                inner.register_state_dict_pre_hook(rt.before_inner_save),
-                inner.register_state_dict_post_hook(rt.inner_saved, prepend=True),
-                inner.register_load_state_dict_pre_hook(partial(rt.before_inner_load, buffers=self._buffers)),
-                inner.register_load_state_dict_post_hook(
-                    partial(rt.inner_loaded, spec=spec, buffers=self._buffers), prepend=True
-                ),
+        _HOOKS[inner] = (
+            inner.register_state_dict_pre_hook(_only_for(inner, rt.before_inner_save)),
+            inner.register_state_dict_post_hook(_only_for(inner, rt.inner_saved), prepend=True),
+            inner.register_load_state_dict_pre_hook(
+                _only_for(inner, partial(rt.before_inner_load, buffers=self._buffers))
+            ),
+            inner.register_load_state_dict_post_hook(
+                _only_for(inner, partial(rt.inner_loaded, spec=spec, buffers=self._buffers)), prepend=True
             ),
         )
         _state_dict.publish(inner.param_groups, inner.state, spec.count)
@@ -476,3 +477,14 @@ class EMAOptimizer(Optimizer):
         rt.load(inner, self._spec, buffers, plan)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def _only_for(inner: Optimizer, hook: Callable[..., Any]) -> Callable[..., Any]:
+    """``hook`` run when ``inner`` itself calls it; for another optimizer (a shallow copy that
+    shares ``inner``'s hook registries) it does nothing: None leaves a state dict as it is."""
+    ref = weakref.ref(inner)
+
+    def run(opt: Optimizer, *args: Any) -> Any:
+        return hook(opt, *args) if opt is ref() else None
+
+    return run

@@ -436,22 +436,56 @@ def test_buffer_shadows_in_an_inner_dict_for_an_optimizer_without_buffers_are_re
     opt_b.load_state_dict(opt_b.state_dict())  # its own dicts still load
 
 
-@pytest.mark.parametrize("saved", [0.5, schedules.warmup()], ids=["constant", "schedule"])
-def test_a_power_shadow_loaded_from_another_kind_of_decay_is_refused(saved):
-    # the decay tuple reordered: a power shadow would take over a shadow averaged with another
-    # decay, and its post-hoc snapshots would be labelled with the power profile
+def test_a_power_shadow_loaded_from_a_constant_decay_is_refused():
+    # the decay tuple reordered: a power shadow would take over a shadow averaged with a
+    # constant decay, and its post-hoc snapshots would be labelled with the power profile
     power = schedules.power(sigma_rel=0.05)
-    model, opt = _build(decay=(power, saved))
+    model, opt = _build(decay=(power, 0.5))
     _train(model, opt, 4, seed=1)
     sd = opt.state_dict()
-    model_b, opt_b = _build(decay=(saved, power))
+    model_b, opt_b = _build(decay=(0.5, power))
     _train(model_b, opt_b, 2, seed=2)
     before = opt_b.state_dict()
     for load in (opt_b.load_state_dict, opt_b.optimizer.load_state_dict):
-        with pytest.raises(ValueError, match=r"shadow 1 \('ema_1'\) was saved as .*schedules.power\(gamma="):
+        with pytest.raises(
+            ValueError, match=r"shadow 1 \('ema_1'\) was saved as 0.5, .*schedules.power\(gamma="
+        ):
             load(sd)
         after = opt_b.state_dict()
         assert after["param_groups"] == before["param_groups"]
+
+
+def test_a_power_shadow_loaded_from_a_schedule_that_cannot_be_described_warns():
+    # a schedule is saved as None: it may be this very profile (polyak() is power(gamma=0)),
+    # so the load goes on, with the warning that names the change
+    model, opt = _build(decay=(schedules.polyak(), 0.9))
+    _train(model, opt, 3, seed=1)
+    model_b, opt_b = _build(decay=(schedules.power(gamma=0.0), 0.9))
+    with pytest.warns(UserWarning, match=r"shadow 0 \('ema'\) was saved with the decay a schedule"):
+        opt_b.load_state_dict(opt.state_dict())
+    for p, q in zip(model.parameters(), model_b.parameters()):
+        assert torch.equal(opt.state[p]["ema"], opt_b.state[q]["ema"])
+
+
+def test_a_copy_of_an_inner_optimizer_that_shares_its_hooks_leaves_the_original_alone():
+    # an inner optimizer whose __getstate__ keeps its whole __dict__: a shallow copy shares its
+    # hook registries, and a wrapper of the copy must not change what the original saves
+    class WholeDict(torch.optim.SGD):
+        def __getstate__(self):
+            return self.__dict__
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = EMAOptimizer(WholeDict(model.parameters(), lr=0.1), decay=0.9)
+    _train_linear = [torch.randn(2, 3) for _ in range(3)]
+    for x in _train_linear:
+        model(x).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    other = EMAOptimizer(copy.copy(opt.optimizer), decay=0.9)
+    assert opt.state_dict()["param_groups"][0]["ema_steps"] == 3
+    assert opt.optimizer.state_dict()["param_groups"][0]["ema_steps"] == 3
+    assert other.state_dict()["param_groups"][0]["ema_steps"] == 0
 
 
 def test_a_power_profile_given_by_sigma_rel_matches_its_gamma():
