@@ -275,7 +275,9 @@ class Runtime:
         lost = _state_dict.adopt_inner_load(inner, spec, held)
         counters, problem = _load_check.counters_in(inner.param_groups, spec.count)
         shadowed = _state_dict.shadowed(inner.state)
-        if not shadowed:
+        if not shadowed and counters is not None and counters.steps == 0:
+            self.counters = counters  # saved before the first step: nothing to lose
+        elif not shadowed:
             self.counters = _plan.Counters.start(spec.count)
             lost.insert(
                 0,

@@ -4,7 +4,8 @@ anything is loaded is in ``_load_check``).
 Layout (the inner optimizer's own, plus):
 
 - ``state[i]["ema"]``, ``state[i]["ema_1"]``, ...: the shadows of param ``i``;
-- in each param group that has shadows (every group before the first step): the counters
+- in each param group that has shadows (before the first step, every group without
+  ``"ema": False``): the counters
   ``ema_steps``, ``ema_updates``, ``ema_decay_prod`` (and ``ema_decay_prod_1``, ... for more
   shadows), plain ints and floats, and ``ema_decays``: each shadow's decay where it can be
   described (a float for a constant, ``{"power_gamma": g}`` for a ``schedules.power`` profile,
@@ -64,12 +65,13 @@ def record(decays: Sequence[Any]) -> list[Any]:
 
 def publish(param_groups: list[dict], state: Mapping, n: int) -> None:
     """Name the counters (``None`` placeholders) in the live groups whose params have shadows,
-    in every group while none has any; a group added since the last step has none yet."""
+    while none has any in every group that will (not an ``"ema": False`` one, which never does);
+    a group added since the last step has none yet."""
     has = [any(_shadows.key(0) in state.get(p, ()) for p in g["params"]) for g in param_groups]
-    for g, h in zip(param_groups, has):
+    for i, (g, h) in enumerate(zip(param_groups, has)):
         for name in [k for k in g if is_group_key(k)]:
             del g[name]
-        if h or not any(has):
+        if h or (not any(has) and _shadows.enabled(g, i)):
             g.update(dict.fromkeys((*counter_keys(n), RECORD)))
 
 

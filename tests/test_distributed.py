@@ -839,3 +839,60 @@ def test_dcp_batchnorm_buffer_shadows_with_resharding(tmp_path, one_thread):
         assert_same_bn(bn_snapshot(model, opt), mid, f"loaded {what}")
         train(model, opt, range(N, 2 * N))
         assert_same_bn(bn_snapshot(model, opt), end, f"resumed {what}")
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+@pytest.mark.parametrize("flat", [False, True], ids=["nested", "flattened"])
+@pytest.mark.parametrize("target", ["wrapper", "inner"])
+def test_dcp_set_optimizer_state_dict_with_an_ema_false_group(flat, target):
+    # set_optimizer_state_dict rebuilds each group from the live group's keys; a group built
+    # with "ema": False never has counters, so it must not name them before the first step
+    # either (the inner optimizer's load: KeyError 'param_groups.2.weight.ema_steps')
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from ema_optim import ema_state_dict
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+        groups = [
+            {"params": model[0].parameters()},
+            {"params": model[2].parameters(), "ema": False},
+            {"params": model[1].parameters()},
+        ]
+        return model, EMAOptimizer(torch.optim.AdamW(groups, lr=0.01), decay=(0.9, 0.5), buffers=model)
+
+    def train(model, opt, seed, steps):
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            model(torch.randn(5, 3, generator=g)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+
+    options = StateDictOptions(flatten_optimizer_state_dict=flat)
+    model, opt = build()
+    train(model, opt, 1, 3)
+    sd = copy.deepcopy(get_optimizer_state_dict(model, opt, options=options))
+    resumed, opt_resumed = build()
+    resumed.load_state_dict(model.state_dict())
+    set_optimizer_state_dict(
+        resumed, opt_resumed if target == "wrapper" else opt_resumed.optimizer, sd, options=options
+    )
+    assert opt_resumed.param_groups[1]["ema"] is False
+    train(model, opt, 2, 2)
+    if target == "inner" and flat:
+        # the flattened layout is rebuilt from the keys of the live state, and DCP initialises
+        # the inner optimizer's state by its own step, which makes no shadows: the loss is said
+        with pytest.warns(UserWarning, match="no EMA shadows.*Load through the EMAOptimizer"):
+            train(resumed, opt_resumed, 2, 2)
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an exact resume says nothing
+        train(resumed, opt_resumed, 2, 2)
+    for k in (0, 1):
+        a, b = ema_state_dict(opt, model, k), ema_state_dict(opt_resumed, resumed, k)
+        assert all(torch.equal(a[n], b[n]) for n in a)
