@@ -6,6 +6,7 @@ Kernels see flat tensor lists and plain scalars only, never optimizer state or
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -189,7 +190,7 @@ def _traced_lerp_(g: Group, weights: Sequence[Weight], copies: Sequence[bool]) -
     #   each step's weight it would recompile whenever a schedule reached 0). The select costs a
     #   little (about +0.1 of an fp32 AdamW step with two shadows), so other shadows skip it.
     dtype = g.shadows[0][0].dtype
-    ends = g.params if g.params[0].dtype == dtype else [p.to(dtype) for p in g.params]
+    ends = g.params if g.params[0].dtype == dtype else [_as_stored(p).to(dtype) for p in g.params]
     for k, (column, w) in enumerate(zip(g.shadows, weights)):
         w = _weight_for(w, column[0])
         if not isinstance(w, Tensor) and w == 1:  # a Python float (the graph is specialized on it)
@@ -202,6 +203,26 @@ def _traced_lerp_(g: Group, weights: Sequence[Weight], copies: Sequence[bool]) -
             torch._foreach_copy_(column, [torch.where(whole, e, m) for e, m in zip(ends, moved)])
         else:
             torch._foreach_add_(column, step)
+
+
+def _as_stored(p: Tensor) -> Tensor:
+    # A bf16/fp16 param as stored, in float32. Inductor hands a fused kernel's later reads of a
+    # low-precision result the float32 value it computed before rounding it (unless
+    # ``emulate_precision_casts``), so the EMA would average weights the model never holds: up to
+    # half an ulp of the param's dtype off, always the same way. The rounding is done again here
+    # in float32 arithmetic, which Inductor keeps as written and vectorizes (reading the stored
+    # bits instead makes it a scalar loop): Veltkamp's split ``t - (t - x)``, ``t = x * (2**s + 1)``,
+    # rounds ``x`` to ``24 - s`` significant bits, ties to even, as the cast does.
+    if p.dtype not in (torch.bfloat16, torch.float16):
+        return p
+    x = p.to(torch.float32)
+    a = x.abs()
+    if p.dtype == torch.bfloat16:  # 8 bits; exact for 2**-126 <= |x| < 2**112 (and 0), else x
+        t = x * 65537.0
+        return torch.where(a < 2.0**112, t - (t - x), x)
+    t = x * 8193.0  # float16: 11 bits; its subnormals on a grid of 2**-24; inf from 65520 on
+    r = torch.where(a < 2.0**-14, torch.copysign((a + 0.75) - 0.75, x), t - (t - x))
+    return torch.where(a < 65520.0, r, x * math.inf)
 
 
 def _weight_for(weight: Weight, like: Tensor) -> Weight:

@@ -599,3 +599,55 @@ def test_a_compiled_gradscaler_skip_keeps_the_shadows_and_a_copy_stays_exact():
         elif n % 2 == 0:
             assert torch.equal(p, target)
             assert torch.equal(opt.state[p]["ema"], p), n
+
+
+class SetTo(torch.optim.Optimizer):
+    """Sets each weight to a float32 target (``self.targets``), rounded to the weight's dtype by
+    the copy: a compiled kernel computes the new bf16/fp16 weight in float32 and rounds it."""
+
+    def __init__(self, params):
+        super().__init__(params, {"differentiable": False})
+        self.targets = []
+
+    @_use_grad_for_differentiable
+    def step(self, closure=None):
+        for p, t in zip(self.param_groups[0]["params"], self.targets):
+            p.copy_(t)
+
+
+def _hard_values(dtype, n=4096, seed=0):
+    """float32 values that round in ``dtype``: random ones, ties at its rounding position, zeros,
+    and for fp16 its subnormal range and the edge of its range (inf from 65520 on)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * torch.logspace(-3, 3, n)
+    drop = 16 if dtype == torch.bfloat16 else 13  # the float32 mantissa bits the dtype drops
+    ties = ((x.view(torch.int32) >> drop << drop) | (1 << (drop - 1))).view(torch.float32)
+    if dtype == torch.bfloat16:  # exact for 2**-126 <= |w| < 2**112: its whole normal range in practice
+        return torch.cat([x, ties, torch.tensor([0.0, -0.0, 2.0**-126, -(2.0**111) * 1.99])])
+    sub = (torch.rand(n, generator=g) - 0.5) * (4 * torch.finfo(dtype).tiny)
+    edge = torch.tensor([65504.0, 65519.0, 65520.0, -65530.0, 0.0, -0.0])
+    return torch.cat([x, ties, sub, edge])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compiled_fp32_shadows_average_the_low_precision_weights_as_stored(dtype):
+    # Inductor hands a fused kernel's later reads of a bf16/fp16 result the float32 value it
+    # computed before rounding (unless emulate_precision_casts): the EMA must still average the
+    # weights the model holds, as the eager step does. A decay of 0 copies them: to the bit.
+    targets = [_hard_values(dtype, seed=k) for k in range(3)]
+    p = nn.Parameter(torch.zeros_like(targets[0], dtype=dtype))
+    inner = SetTo([p])
+    opt = EMAOptimizer(inner, decay=(0.0, 0.5), ema_dtype=torch.float32)
+    step = torch.compile(opt.step)  # Inductor: the fused kernel is where the rounding is skipped
+    stored = []
+    for t in targets:
+        inner.targets = [t]
+        step()
+        stored.append(p.detach().clone())
+        assert torch.equal(p.detach(), t.to(dtype))
+        assert torch.equal(opt.state[p]["ema"], p.detach().float())  # the copy: the weight as stored
+    # the average of the stored weights, to float32 rounding (not half an ulp of ``dtype``)
+    want = reference_shadows(torch.zeros(p.shape, dtype=torch.float64), [s.double() for s in stored], 0.5)[-1]
+    finite = torch.isfinite(want)
+    got = opt.state[p]["ema_1"].double()
+    torch.testing.assert_close(got[finite], want[finite], rtol=2e-7, atol=1e-30)
