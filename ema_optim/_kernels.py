@@ -212,8 +212,11 @@ def _as_stored(p: Tensor) -> Tensor:
     # half an ulp of the param's dtype off, always the same way. The rounding is done again here
     # in float32 arithmetic, which Inductor keeps as written and vectorizes (reading the stored
     # bits instead makes it a scalar loop): Veltkamp's split ``t - (t - x)``, ``t = x * (2**s + 1)``,
-    # rounds ``x`` to ``24 - s`` significant bits, ties to even, as the cast does.
-    if p.dtype not in (torch.bfloat16, torch.float16):
+    # rounds ``x`` to ``24 - s`` significant bits, ties to even, as the cast does. That needs
+    # ``t`` rounded before the subtraction: Inductor's C++ is built with -ffp-contract=off; its
+    # Triton kernels may fuse the multiply and subtract into an FMA, so on GPUs the read stays
+    # as Inductor gives it.
+    if p.dtype not in (torch.bfloat16, torch.float16) or p.device.type != "cpu":
         return p
     x = p.to(torch.float32)
     a = x.abs()
