@@ -237,7 +237,10 @@ def _read_live(out: dict[str, Any], live: list[_Live]) -> bool:
             t: Optional[Tensor] = tensors.get(local)
             if t is None or t is not seen:  # replaced, or removed (del module.bias)
                 return False
-            out[name] = t.detach()
+            # A buffer as itself: model.state_dict()'s detach() gives the same storage, and an
+            # alias would be a second input to a graph compiled after a break here, which a
+            # compiled training step's in-place buffer update (BatchNorm) cannot take.
+            out[name] = t if not (t.requires_grad or isinstance(t, nn.Parameter)) else t.detach()
         elif local is not None:  # extra state
             out[name] = local.get_extra_state()
     return True
@@ -272,8 +275,9 @@ def ema_state_dict(
     shadow ``index`` itself (``opt.state[p]["ema"]``, ...): no copy, in the shadow dtype and
     on the shadow's device (DTensor shards under FSDP2). Every other entry (params without a
     shadow, integer and non-averaged buffers) is the live tensor ``model.state_dict()``
-    gives. Same keys in the same order as ``model.state_dict()``, tied weights under every
-    name. A plain ``dict`` (without ``model.state_dict()``'s ``_metadata``).
+    gives (a buffer as itself rather than a detached alias of it, so that a compiled training
+    step can update it in place). Same keys in the same order as ``model.state_dict()``, tied
+    weights under every name. A plain ``dict`` (without ``model.state_dict()``'s ``_metadata``).
 
     Uses:
 

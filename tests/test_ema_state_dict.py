@@ -662,3 +662,50 @@ def test_train_mode_teacher_with_batch_statistics_changes_nothing():
     with torch.no_grad():
         functional_call(model, ema_state_dict(opt, model), (x,))
     assert not torch.equal(ema_state_dict(opt, model)["1.running_mean"], shadows["1.running_mean"])
+
+
+def test_a_compiled_training_step_with_a_batchnorm_teacher_matches_eager():
+    # the teacher pattern inside one compiled step, with the live BatchNorm statistics
+    # (buffers=None): the live buffers come back as themselves, so a graph compiled after a
+    # break in ema_state_dict does not take the buffer twice (an alias that the student's
+    # in-place update of the statistics made aot_autograd refuse, at every step)
+    def run(compiled):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 1))
+        opt = EMAOptimizer(torch.optim.SGD(model.parameters(), lr=1e-2), decay=0.9)
+        model(torch.randn(8, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+        def train(x):
+            model.eval()
+            with torch.no_grad():
+                teacher = torch.func.functional_call(model, ema_state_dict(opt, model), (x,))
+            model.train()
+            (model(x) - teacher).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+        step = torch.compile(train, backend="aot_eager") if compiled else train
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            step(torch.randn(8, 4, generator=g))
+        return {k: v.clone() for k, v in model.state_dict().items()}, ema_state_dict(opt, model)
+
+    (live_e, ema_e), (live_c, ema_c) = run(False), run(True)
+    for a, b in ((live_e, live_c), (ema_e, ema_c)):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_live_buffers_are_the_model_buffers_and_live_params_detached():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Linear(2, 1))
+    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "ema": False}]
+    opt = EMAOptimizer(torch.optim.SGD(groups, lr=0.1), decay=0.5)
+    model(torch.randn(4, 2)).sum().backward()
+    opt.step()
+    sd = ema_state_dict(opt, model)
+    assert sd["1.running_mean"] is model[1].running_mean  # the same storage as state_dict()'s
+    assert type(sd["2.weight"]) is torch.Tensor and not sd["2.weight"].requires_grad
+    assert sd["2.weight"].data_ptr() == model[2].weight.data_ptr()
