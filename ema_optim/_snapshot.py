@@ -66,10 +66,14 @@ def _keys(
     return {**{i: names[id(order[i])] for i in params}, **{b: buffer_names[b] for b in buffers}}
 
 
-def complex_counterpart(dtype: torch.dtype) -> Optional[torch.dtype]:
-    """The complex dtype that goes with ``dtype`` (float32 or complex64: complex64; float64 or
-    complex128: complex128); None for float16 (torch's complex32 is experimental) and bfloat16."""
+def dtype_for(value: Tensor, dtype: torch.dtype) -> Optional[torch.dtype]:
+    """``dtype`` (which may name a real or a complex dtype: float32 and complex64 are one choice)
+    for ``value``: the real one for a real tensor; for a complex one its complex counterpart
+    (float32: complex64; float64: complex128), None for float16 (torch's complex32 is
+    experimental) and bfloat16."""
     real = dtype.to_real()
+    if not value.is_complex():
+        return real
     return real.to_complex() if real in (torch.float32, torch.float64) else None
 
 
@@ -83,9 +87,7 @@ def _copy_dtype(value: Tensor, dtype: Optional[torch.dtype], k: int, key: Union[
     drops an imaginary part); the shadow dtype if ``dtype`` is None."""
     if dtype is None:
         return value.dtype
-    if not value.is_complex():
-        return dtype.to_real()
-    wide = complex_counterpart(dtype)
+    wide = dtype_for(value, dtype)
     if wide is None:
         raise ValueError(
             f"snapshot(dtype={dtype}): {_named(k, key)} is complex ({value.dtype}) and {dtype} has no "

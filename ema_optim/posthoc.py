@@ -49,7 +49,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ._snapshot import VERSION, complex_counterpart, snapshot
+from ._snapshot import VERSION, dtype_for, snapshot
 
 __all__ = ["sigma_rel_to_gamma", "gamma_to_sigma_rel", "snapshot", "solve", "reconstruct"]
 
@@ -435,9 +435,7 @@ def _wanted_keys(
 def _result_dtype(dtype: torch.dtype, value: Tensor, key: Any, where: str) -> torch.dtype:
     """The dtype of ``key``'s result: ``dtype`` for a real tensor, its complex counterpart
     for a complex one (``dtype`` may name either: float32 and complex64 are the same choice)."""
-    if not value.is_complex():
-        return dtype.to_real()
-    wide = complex_counterpart(dtype)
+    wide = dtype_for(value, dtype)
     if wide is None:
         raise ValueError(
             f"{where}: {key!r} is complex ({value.dtype}) and dtype={dtype} has no complex counterpart "

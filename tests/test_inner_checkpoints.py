@@ -43,6 +43,13 @@ def _keys(decay):
     return ["ema"] + [f"ema_{k}" for k in range(1, len(decay))]
 
 
+def _assert_same_state_dict(after, before):
+    assert after["param_groups"] == before["param_groups"]
+    for i, s in before["state"].items():
+        assert s.keys() == after["state"][i].keys()
+        assert all(torch.equal(v, after["state"][i][k]) for k, v in s.items() if torch.is_tensor(v))
+
+
 def test_save_and_load_through_the_inner_optimizer_resumes_exactly(tmp_path):
     model, opt = _build()
     _train(model, opt, 20, seed=1)
@@ -300,11 +307,7 @@ def test_a_dict_with_more_shadows_than_the_optimizer_is_refused_by_the_inner_loa
     before = opt_b.state_dict()
     with pytest.raises(ValueError, match=r"has the shadows \['ema_1'\].*keeps \['ema'\]"):
         opt_b.optimizer.load_state_dict(sd)
-    after = opt_b.state_dict()
-    assert after["param_groups"] == before["param_groups"]
-    for i, s in before["state"].items():
-        assert s.keys() == after["state"][i].keys()
-        assert all(torch.equal(v, after["state"][i][k]) for k, v in s.items() if torch.is_tensor(v))
+    _assert_same_state_dict(opt_b.state_dict(), before)
     opt_b.load_state_dict(opt_b.state_dict())
 
 
@@ -428,11 +431,7 @@ def test_buffer_shadows_in_an_inner_dict_for_an_optimizer_without_buffers_are_re
     before = opt_b.state_dict()
     with pytest.raises(ValueError, match=r"buffer shadows .*built without buffers=; pass buffers=model"):
         opt_b.optimizer.load_state_dict(sd)
-    after = opt_b.state_dict()
-    assert after["param_groups"] == before["param_groups"]
-    for i, s in before["state"].items():
-        assert s.keys() == after["state"][i].keys()
-        assert all(torch.equal(v, after["state"][i][k]) for k, v in s.items() if torch.is_tensor(v))
+    _assert_same_state_dict(opt_b.state_dict(), before)
     opt_b.load_state_dict(opt_b.state_dict())  # its own dicts still load
 
 
