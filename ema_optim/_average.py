@@ -240,7 +240,7 @@ def _read_live(out: dict[str, Any], live: list[_Live]) -> bool:
             # A buffer as itself: model.state_dict()'s detach() gives the same storage, and an
             # alias would be a second input to a graph compiled after a break here, which a
             # compiled training step's in-place buffer update (BatchNorm) cannot take.
-            out[name] = t if not (t.requires_grad or isinstance(t, nn.Parameter)) else t.detach()
+            out[name] = t.detach() if isinstance(t, nn.Parameter) or t.requires_grad else t
         elif local is not None:  # extra state
             out[name] = local.get_extra_state()
     return True

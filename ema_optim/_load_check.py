@@ -175,7 +175,7 @@ def _buffer_shadows_of(
         for k, entry in saved_state.items()
         if k in id_map
         for kk, v in entry.items()
-        if isinstance(kk, str) and ":" in kk and _shadows.is_key(kk)
+        if _shadows.is_buffer_key(kk)
     }
     if not found:
         return {}
@@ -205,7 +205,7 @@ def check_buffer_names(saved_state: Any, ours: Optional[Sequence[str]]) -> None:
         for entry in saved_state.values()
         if isinstance(entry, Mapping)
         for kk in entry
-        if isinstance(kk, str) and ":" in kk and _shadows.is_key(kk)
+        if _shadows.is_buffer_key(kk)
     }
     if names:
         _check_names(names, ours)
@@ -383,7 +383,7 @@ def _shadows_of(
 def _checked_shadow(k: Any, name: str, p: Tensor, value: Any) -> Tensor:
     """``value`` as the shadow ``name`` of ``p``: a param's (``k`` its state dict id) or a
     buffer's (``name`` is ``"ema:<buffer>"``)."""
-    if _shadows.is_key(name) and ":" in name:
+    if _shadows.is_buffer_key(name):
         buffer = _shadows.split_buffer_key(name)[1]
         where, its = f"the shadow {name!r} of the buffer {buffer!r}", "the buffer"
     else:

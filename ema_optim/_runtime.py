@@ -40,9 +40,8 @@ class Runtime:
         self.offload = _offload.Offload()  # the update in flight for offloaded shadows
         self.weights: Sequence[_kernels.Weight] = ()  # this step's lerp weights (begin to end)
         self.weight_tensors: list[Tensor] = []  # the 0-dim tensors they are kept in under compile
-        self.may_copy: tuple[
-            bool, ...
-        ] = ()  # per shadow: a weight can be exactly 1 (set once, _plan.may_copy)
+        # per shadow: whether a weight can be exactly 1 (set once, _plan.may_copy)
+        self.may_copy: tuple[bool, ...] = ()
         self.record: list[Any] = []  # each shadow's decay as saved (_state_dict.record)
         self.loading = False  # inside load(): the inner optimizer's load hooks stand aside
         self.held: dict[Tensor, dict[str, Any]] = {}  # shadows an inner load keeps from torch's
@@ -241,10 +240,10 @@ class Runtime:
     ) -> Optional[dict]:
         """Refuse, with nothing changed, what the wrapper's own load refuses outright (a power
         shadow saved with another gamma or a constant decay, more shadows than this optimizer
-        keeps, shadows of buffers it does not average); warn of a changed decay (before anything changes, as
-        the wrapper's load does); keep from torch's load the shadows it would break
-        (``_state_dict.hold_back``) and the groups' ``"ema"`` flags a dict without them would
-        drop."""
+        keeps, shadows of buffers it does not average); warn of a changed decay (before
+        anything changes, as the wrapper's load does); keep from torch's load the shadows it
+        would break (``_state_dict.hold_back``) and the groups' ``"ema"`` flags that a dict
+        without them would drop."""
         self.held = {}
         if self.loading:
             return None

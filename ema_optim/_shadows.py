@@ -54,11 +54,14 @@ def is_param_key(name: Any) -> bool:
     )
 
 
+def is_buffer_key(name: Any) -> bool:
+    """A buffer's shadow key: ``"ema:bn.running_mean"``, ``"ema_1:bn.running_mean"``, ..."""
+    return isinstance(name, str) and ":" in name and is_param_key(name.split(":", 1)[0])
+
+
 def is_key(name: Any) -> bool:
     """Any shadow key: a param's (``"ema"``, ``"ema_1"``) or a buffer's (``"ema:bn.running_mean"``)."""
-    return is_param_key(name) or (
-        isinstance(name, str) and is_param_key(name.split(":", 1)[0]) and ":" in name
-    )
+    return is_param_key(name) or is_buffer_key(name)
 
 
 def split_buffer_key(name: str) -> tuple[str, str]:
@@ -284,8 +287,8 @@ class Layout:
             return
         for p in {id(q): q for g in param_groups for q in g["params"]}.values():
             here = self._state.get(p, {})
-            if p is not self.anchor and any(":" in k and is_key(k) for k in here):
-                moved = {k: here.pop(k) for k in [k for k in here if ":" in k and is_key(k)]}
+            if p is not self.anchor and any(map(is_buffer_key, here)):
+                moved = {k: here.pop(k) for k in [k for k in here if is_buffer_key(k)]}
                 install(self._state, self.anchor, moved)
 
     def buffer_shadows(self, k: int) -> dict[str, Tensor]:

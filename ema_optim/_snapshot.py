@@ -7,6 +7,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from torch import Tensor
 
+from . import _shadows
 from ._average import model_names
 
 VERSION = 1
@@ -78,8 +79,7 @@ def dtype_for(value: Tensor, dtype: torch.dtype) -> Optional[torch.dtype]:
 
 
 def _named(k: int, key: Union[int, str]) -> str:
-    shadow = "ema" if k == 0 else f"ema_{k}"
-    return f"the shadow {shadow!r} of " + (f"param {key}" if isinstance(key, int) else repr(key))
+    return f"the shadow {_shadows.key(k)!r} of " + (f"param {key}" if isinstance(key, int) else repr(key))
 
 
 def _copy_dtype(value: Tensor, dtype: Optional[torch.dtype], k: int, key: Union[int, str]) -> torch.dtype:
@@ -177,15 +177,15 @@ def snapshot(opt: Any, model: Optional[torch.nn.Module] = None, dtype: Optional[
     stale = {i for g in sd["param_groups"] if g.get("ema", True) is False for i in g.get("params", ())}
     found: list[dict[Union[int, str], Tensor]] = []  # per power shadow: by param index or buffer name
     for k, _ in power:
-        key = "ema" if k == 0 else f"ema_{k}"
+        key = _shadows.key(k)
         params: dict[Union[int, str], Tensor] = {}
         buffers: dict[Union[int, str], Tensor] = {}
         for i, s in sd["state"].items():
             for name, value in s.items() if isinstance(s, Mapping) else ():
                 if name == key and i not in stale:
                     params[i] = value
-                elif isinstance(name, str) and name.startswith(key + ":"):  # a buffer's shadow
-                    buffers[name[len(key) + 1 :]] = value
+                elif _shadows.is_buffer_key(name) and _shadows.split_buffer_key(name)[0] == key:
+                    buffers[_shadows.split_buffer_key(name)[1]] = value
         found.append({**params, **buffers})
     if not any(found):
         raise ValueError("the optimizer has no shadows yet; take snapshots after opt.step()")

@@ -130,18 +130,14 @@ def with_enable_flags(sd: Mapping, live_groups: list[dict]) -> dict:
     """The dict (a new one: the caller's is left alone) with each live group's ``"ema"`` flag
     in the saved group that has none: torch's load keeps only the saved keys, so a dict saved
     without the flag (before the wrapper) would put an ``"ema": False`` group into the EMA."""
-    groups = sd.get("param_groups")
+    groups, flag = sd.get("param_groups"), _shadows.ENABLE
     if not isinstance(groups, (list, tuple)) or len(groups) != len(live_groups):
-        return dict(sd)
-    keep = [
-        isinstance(saved, Mapping) and _shadows.ENABLE not in saved and _shadows.ENABLE in live
-        for saved, live in zip(groups, live_groups)
-    ]
-    if not any(keep):
-        return dict(sd)
+        return dict(sd)  # torch's load refuses it
     new = [
-        {**saved, _shadows.ENABLE: live[_shadows.ENABLE]} if k else saved
-        for saved, live, k in zip(groups, live_groups, keep)
+        {**saved, flag: live[flag]}
+        if isinstance(saved, Mapping) and flag not in saved and flag in live
+        else saved
+        for saved, live in zip(groups, live_groups)
     ]
     return {**sd, "param_groups": new}
 
@@ -156,8 +152,7 @@ def shadowed(state: Mapping) -> list[Any]:
 def buffer_shadowed(state: Mapping) -> bool:
     """Whether some entry holds a buffer's shadow."""
     return any(
-        isinstance(entry, Mapping) and any(_shadows.is_key(k) and ":" in k for k in entry)
-        for entry in state.values()
+        isinstance(entry, Mapping) and any(map(_shadows.is_buffer_key, entry)) for entry in state.values()
     )
 
 
@@ -180,7 +175,7 @@ def hold_back(sd: Mapping, param_groups: list[dict]) -> tuple[Mapping, dict[Any,
     for k, entry in state.items():
         if k in id_map and isinstance(entry, Mapping) and any(map(_shadows.is_key, entry)):
             only = all(map(_shadows.is_key, entry))
-            out = {kk: v for kk, v in entry.items() if only or (_shadows.is_key(kk) and ":" in kk)}
+            out = {kk: v for kk, v in entry.items() if only or _shadows.is_buffer_key(kk)}
             if out:
                 held[id_map[k]] = out
                 entry = {kk: v for kk, v in entry.items() if kk not in out}
